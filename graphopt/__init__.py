@@ -1,0 +1,63 @@
+"""graphopt: rewrite ONNX graphs to be smaller and faster, and prove in onnxruntime that they still compute
+what the original did.
+
+    import graphopt
+    model = graphopt.load("model.onnx")
+    optimized, report = graphopt.optimize(model, calibration="inputs.npz")
+    optimized.save("model.opt.onnx")
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable, Sequence
+
+from ._version import __version__
+from .calibration import InputSet, prepare_inputs
+from .errors import GraphoptError, InputError, UsageError, VerificationError
+from .model import Model, load
+from .numerics import Tolerance
+from .passes import DEFAULT_RECIPE, REGISTRY, Context, Pass, PassResult, create, parse_pass_spec
+from .passes.cleanup import FoldBatchNorm, FoldConstants, RemoveDead, RemoveIdentity
+from .pipeline import Pipeline
+from .report import Report
+from .runtime import RuntimeSettings
+
+
+def resolve_passes(passes: Sequence[Pass | str] | None) -> list[Pass]:
+    """Pass objects, or names / `name:key=value` strings looked up in the registry; None means the default."""
+    specs = DEFAULT_RECIPE if passes is None else passes
+    out = []
+    for p in specs:
+        if isinstance(p, Pass):
+            out.append(p)
+        elif isinstance(p, str):
+            out.append(create(*parse_pass_spec(p)))
+        else:
+            raise UsageError(f"{p!r} is neither a pass nor a pass name")
+    return out
+
+
+def optimize(model: Model | str | os.PathLike, passes: Sequence[Pass | str] | None = None, calibration=None, *,
+             tolerance: Tolerance | None = None, input_shapes: dict | None = None,
+             runtime: RuntimeSettings | None = None, seed: int = 0, measure_latency: bool = True,
+             strict: bool = False, progress: Callable[[str], None] | None = None) -> tuple[Model, Report]:
+    """Run passes (default: the cleanup recipe) and verify the result against the original in onnxruntime.
+
+    `calibration` is a path (.npz, .npy, folder) or an onnxruntime CalibrationDataReader; without it, synthetic
+    inputs are used (and `input_shapes` must fill any unknown dims). Returns the optimized model and the report;
+    check `report.passed` before shipping the model.
+    """
+    if not isinstance(model, Model):
+        model = load(model)
+    inputs = prepare_inputs(model, calibration, input_shapes=input_shapes, seed=seed)
+    ctx = Context(inputs=inputs, runtime=runtime or RuntimeSettings(), seed=seed,
+                  progress=progress or (lambda message: None))
+    pipeline = Pipeline(resolve_passes(passes), tolerance or Tolerance(), measure_latency, strict)
+    return pipeline.run(model, ctx)
+
+
+__all__ = ["__version__", "load", "optimize", "Model", "Pipeline", "Context", "Pass", "PassResult", "Report",
+           "Tolerance", "RuntimeSettings", "InputSet", "REGISTRY", "DEFAULT_RECIPE", "FoldBatchNorm",
+           "FoldConstants", "RemoveDead", "RemoveIdentity", "GraphoptError", "InputError", "UsageError",
+           "VerificationError", "resolve_passes"]

@@ -1,0 +1,137 @@
+"""Compare the outputs of two models on the same inputs, and decide whether the difference is acceptable."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from .errors import UsageError
+
+
+@dataclass(frozen=True)
+class OutputMetrics:
+    """How far one output of the candidate is from the reference, over all compared samples."""
+
+    name: str
+    max_abs: float
+    mean_abs: float
+    rel_l2: float  # ||new - ref|| / ||ref||
+    cosine: float  # mean over samples of the cosine similarity of the flattened outputs
+    top1_agreement: float | None  # fraction of rows whose argmax agrees, for outputs that look like class scores
+    nonfinite_ref: int  # NaN/Inf count in the reference
+    nonfinite_new: int  # NaN/Inf count in the candidate
+    samples: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def looks_like_class_scores(arr: np.ndarray) -> bool:
+    """A float [batch, classes] output with at least two classes."""
+    return arr.ndim == 2 and arr.shape[1] >= 2 and np.issubdtype(arr.dtype, np.floating)
+
+
+def compare_outputs(reference: list[dict[str, np.ndarray]], candidate: list[dict[str, np.ndarray]]) -> list[OutputMetrics]:
+    """Per-output error statistics between two runs over the same list of feeds."""
+    if len(reference) != len(candidate):
+        raise ValueError("reference and candidate ran on different numbers of samples")
+    if not reference:
+        return []
+    names = list(reference[0])
+    missing = [n for n in names if n not in candidate[0]]
+    if missing:
+        raise ValueError(f"candidate model lacks outputs {missing}")
+    return [_compare_one(name, [r[name] for r in reference], [c[name] for c in candidate]) for name in names]
+
+
+def _compare_one(name: str, refs: list[np.ndarray], news: list[np.ndarray]) -> OutputMetrics:
+    max_abs = 0.0
+    abs_sum = 0.0
+    count = 0
+    diff_sq = 0.0
+    ref_sq = 0.0
+    cosines = []
+    agree = total_rows = 0
+    scores = True
+    bad_ref = bad_new = 0
+    for ref, new in zip(refs, news):
+        if ref.shape != new.shape:
+            raise ValueError(f"output {name!r}: shape {new.shape} differs from the reference's {ref.shape}")
+        if not (np.issubdtype(ref.dtype, np.number) or ref.dtype == np.bool_):
+            raise ValueError(f"output {name!r}: cannot compare dtype {ref.dtype}")
+        r = ref.astype(np.float64).ravel()
+        n = new.astype(np.float64).ravel()
+        bad_ref += int(np.count_nonzero(~np.isfinite(r)))
+        bad_new += int(np.count_nonzero(~np.isfinite(n)))
+        ok = np.isfinite(r) & np.isfinite(n)
+        d = np.abs(r[ok] - n[ok])
+        if d.size:
+            max_abs = max(max_abs, float(d.max()))
+            abs_sum += float(d.sum())
+        count += d.size
+        diff_sq += float((d**2).sum())
+        ref_sq += float((r[ok] ** 2).sum())
+        nr, nn = np.linalg.norm(r[ok]), np.linalg.norm(n[ok])
+        if nr > 0 and nn > 0:
+            cosines.append(float(r[ok] @ n[ok] / (nr * nn)))
+        elif nr == 0 and nn == 0:
+            cosines.append(1.0)
+        else:
+            cosines.append(0.0)
+        scores = scores and looks_like_class_scores(ref)
+        if scores:
+            agree += int(np.count_nonzero(ref.argmax(axis=1) == new.argmax(axis=1)))
+            total_rows += ref.shape[0]
+    rel = math.sqrt(diff_sq / ref_sq) if ref_sq > 0 else (0.0 if diff_sq == 0 else math.inf)
+    return OutputMetrics(
+        name=name, max_abs=max_abs, mean_abs=abs_sum / count if count else 0.0, rel_l2=rel,
+        cosine=float(np.mean(cosines)) if cosines else 1.0,
+        top1_agreement=(agree / total_rows) if scores and total_rows else None,
+        nonfinite_ref=bad_ref, nonfinite_new=bad_new, samples=len(refs))
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """When a candidate counts as computing what the original did. `None` leaves a check off.
+
+    Defaults suit exact rewrites in float32 (BN folding, dead code, constant folding): the relative L2 error
+    must stay under 1e-4 of the output's norm, and the candidate must not produce NaN/Inf where the
+    reference did not. Lossy passes need looser, user-chosen bounds (`--max-error`, `--min-agreement`, ...).
+    """
+
+    max_rel_l2: float | None = 1e-4
+    max_abs: float | None = None
+    min_cosine: float | None = None
+    min_top1_agreement: float | None = None
+
+    def __post_init__(self):
+        for key in ("max_rel_l2", "max_abs"):
+            v = getattr(self, key)
+            if v is not None and not (v >= 0):
+                raise UsageError(f"{key} must be a non-negative number, got {v}")
+        for key in ("min_cosine", "min_top1_agreement"):
+            v = getattr(self, key)
+            if v is not None and not (-1.0 <= v <= 1.0 if key == "min_cosine" else 0.0 <= v <= 1.0):
+                raise UsageError(f"{key} out of range: {v}")
+
+    def violations(self, metrics: list[OutputMetrics]) -> list[str]:
+        """Human-readable reasons the candidate fails; empty when it passes."""
+        out = []
+        for m in metrics:
+            if m.nonfinite_new > m.nonfinite_ref:
+                out.append(f"{m.name}: {m.nonfinite_new} NaN/Inf values (reference has {m.nonfinite_ref})")
+            if self.max_rel_l2 is not None and not m.rel_l2 <= self.max_rel_l2:
+                out.append(f"{m.name}: relative L2 error {m.rel_l2:.3g} > {self.max_rel_l2:.3g}")
+            if self.max_abs is not None and not m.max_abs <= self.max_abs:
+                out.append(f"{m.name}: max abs error {m.max_abs:.3g} > {self.max_abs:.3g}")
+            if self.min_cosine is not None and not m.cosine >= self.min_cosine:
+                out.append(f"{m.name}: cosine {m.cosine:.6f} < {self.min_cosine}")
+            if self.min_top1_agreement is not None and m.top1_agreement is not None \
+                    and not m.top1_agreement >= self.min_top1_agreement:
+                out.append(f"{m.name}: top-1 agreement {m.top1_agreement:.2%} < {self.min_top1_agreement:.2%}")
+        return out
+
+    def to_dict(self) -> dict:
+        return asdict(self)

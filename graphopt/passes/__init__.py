@@ -1,0 +1,7 @@
+"""Passes, registered by name for the CLI and recipes."""
+
+from .base import REGISTRY, Context, Decision, Pass, PassResult, create, parse_pass_spec, register
+from .cleanup import DEFAULT_RECIPE, FoldBatchNorm, FoldConstants, RemoveDead, RemoveIdentity
+
+__all__ = ["REGISTRY", "Context", "Decision", "Pass", "PassResult", "create", "parse_pass_spec", "register",
+           "DEFAULT_RECIPE", "FoldBatchNorm", "FoldConstants", "RemoveDead", "RemoveIdentity"]

@@ -1,0 +1,129 @@
+"""The pass contract, the context passes run in, and the registry that makes passes reachable by name."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Callable, ClassVar
+
+from ..calibration import InputSet
+from ..errors import UsageError
+from ..model import Model
+from ..runtime import RuntimeSettings
+
+
+@dataclass
+class Decision:
+    """One thing a pass did or declined to do at one site, and why."""
+
+    site: str
+    action: str  # e.g. "folded", "removed", "skipped"
+    reason: str = ""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class PassResult:
+    model: Model
+    changed: bool
+    counters: dict[str, int] = field(default_factory=dict)
+    decisions: list[Decision] = field(default_factory=list)
+
+
+@dataclass
+class Context:
+    """What every pass may use: inputs, runtime settings, a seed and a progress callback."""
+
+    inputs: InputSet | None = None
+    runtime: RuntimeSettings = field(default_factory=RuntimeSettings)
+    seed: int = 0
+    progress: Callable[[str], None] = lambda message: None
+
+
+class Pass:
+    """Base class. Subclasses are frozen dataclasses whose fields are the pass's validated parameters."""
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+
+    def run(self, model: Model, ctx: Context) -> PassResult:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def params(self) -> dict:
+        return dataclasses.asdict(self) if dataclasses.is_dataclass(self) else {}
+
+    def __str__(self) -> str:
+        args = ",".join(f"{k}={v}" for k, v in self.params().items())
+        return f"{self.name}:{args}" if args else self.name
+
+
+REGISTRY: dict[str, type[Pass]] = {}
+
+
+def register(cls: type[Pass]) -> type[Pass]:
+    if not cls.name:
+        raise TypeError(f"{cls.__name__} has no name")
+    if cls.name in REGISTRY:
+        raise TypeError(f"two passes are named {cls.name!r}")
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+def create(name: str, params: dict | None = None) -> Pass:
+    """Build a registered pass from its name and raw parameters (strings from the CLI, values from TOML)."""
+    params = dict(params or {})
+    if name not in REGISTRY:
+        raise UsageError(f"unknown pass {name!r}; known passes: {', '.join(sorted(REGISTRY))}")
+    cls = REGISTRY[name]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(params) - set(fields))
+    if unknown:
+        known = ", ".join(sorted(fields)) or "none"
+        raise UsageError(f"pass {name!r} has no parameter {', '.join(unknown)} (its parameters: {known})")
+    converted = {k: _convert(name, k, v, fields[k]) for k, v in params.items()}
+    try:
+        return cls(**converted)
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"pass {name!r}: {exc}") from None
+
+
+def _convert(pass_name: str, key: str, value, f: dataclasses.Field):
+    """Turn a CLI string into the field's type (TOML values already have types)."""
+    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    optional = "None" in kind
+    kind = kind.split("|")[0].strip()
+    if not isinstance(value, str) or kind == "str":
+        return value
+    if optional and value.lower() == "none":
+        return None
+    try:
+        if kind == "bool":
+            if value.lower() in ("1", "true", "yes", "on"):
+                return True
+            if value.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if kind == "int":
+            return int(value)
+        if kind == "float":
+            return float(value)
+    except ValueError:
+        raise UsageError(f"pass {pass_name!r}: parameter {key}={value!r} is not a valid {kind}") from None
+    return value
+
+
+def parse_pass_spec(spec: str) -> tuple[str, dict[str, str]]:
+    """`name:key=value,key=value` (the CLI's --pass syntax) -> (name, params)."""
+    name, _, rest = spec.partition(":")
+    name = name.strip()
+    if not name:
+        raise UsageError(f"--pass {spec!r}: missing pass name")
+    params = {}
+    for item in filter(None, (p.strip() for p in rest.split(","))):
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise UsageError(f"--pass {spec!r}: expected key=value, got {item!r}")
+        params[key.strip()] = value.strip()
+    return name, params

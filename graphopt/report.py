@@ -1,0 +1,190 @@
+"""What a run did and measured: a before/after table, per-pass decisions, error metrics. Terminal, JSON, markdown."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnxruntime as ort
+
+from ._version import __version__
+from .numerics import OutputMetrics, Tolerance
+from .passes.base import Decision
+from .runtime import Latency, RuntimeSettings
+
+
+@dataclass
+class ModelStats:
+    nodes: int
+    op_counts: dict[str, int]
+    parameters: int
+    bytes: int
+
+    @classmethod
+    def of(cls, model) -> "ModelStats":
+        counts = model.op_counts()
+        return cls(sum(counts.values()), dict(sorted(counts.items())), model.parameter_count(), model.byte_size())
+
+
+@dataclass
+class PassRecord:
+    name: str
+    spec: str
+    status: str = "pending"  # applied | unchanged | rolled back
+    reason: str = ""
+    seconds: float = 0.0
+    counters: dict = field(default_factory=dict)
+    decisions: list[Decision] = field(default_factory=list)
+    metrics: list[OutputMetrics] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "spec": self.spec, "status": self.status, "reason": self.reason,
+                "seconds": round(self.seconds, 4), "counters": self.counters,
+                "decisions": [d.to_dict() for d in self.decisions],
+                "metrics": [m.to_dict() for m in self.metrics]}
+
+
+def machine() -> dict:
+    cpu = platform.processor() or ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {"cpu": cpu or platform.machine(), "cores": os.cpu_count(), "onnxruntime": ort.__version__,
+            "python": platform.python_version(), "graphopt": __version__}
+
+
+@dataclass
+class Report:
+    before: ModelStats
+    tolerance: Tolerance
+    inputs: dict
+    runtime: RuntimeSettings
+    after: ModelStats | None = None
+    passes: list[PassRecord] = field(default_factory=list)
+    metrics: list[OutputMetrics] = field(default_factory=list)
+    violations: list[str] = field(default_factory=list)
+    latency_before: Latency | None = None
+    latency_after: Latency | None = None
+    seconds: float = 0.0
+
+    @property
+    def passed(self) -> bool:
+        return not self.violations
+
+    @property
+    def speedup(self) -> float | None:
+        if self.latency_before and self.latency_after and self.latency_after.median_ms > 0:
+            return self.latency_before.median_ms / self.latency_after.median_ms
+        return None
+
+    def to_dict(self) -> dict:
+        return {
+            "graphopt": __version__, "machine": machine(),
+            "runtime": {"intra_op_threads": self.runtime.intra_op_threads,
+                        "inter_op_threads": self.runtime.inter_op_threads,
+                        "providers": list(self.runtime.providers)},
+            "inputs": self.inputs, "tolerance": self.tolerance.to_dict(),
+            "verification": {"passed": self.passed, "violations": self.violations,
+                             "metrics": [m.to_dict() for m in self.metrics]},
+            "before": vars(self.before), "after": vars(self.after) if self.after else None,
+            "latency": {"before": self.latency_before.to_dict() if self.latency_before else None,
+                        "after": self.latency_after.to_dict() if self.latency_after else None,
+                        "speedup": self.speedup},
+            "passes": [p.to_dict() for p in self.passes],
+            "seconds": round(self.seconds, 3),
+        }
+
+    def write_json(self, path: str | os.PathLike) -> None:
+        write_text_atomic(Path(path), json.dumps(self.to_dict(), indent=2) + "\n")
+
+    # ------------------------------------------------------------------ terminal
+    def render(self, console) -> None:
+        from rich.table import Table
+
+        summary = Table(title="graphopt: before / after", show_lines=False)
+        summary.add_column("")
+        summary.add_column("before", justify="right")
+        summary.add_column("after", justify="right")
+        summary.add_column("change", justify="right")
+        after = self.after or self.before
+        summary.add_row("nodes", str(self.before.nodes), str(after.nodes), _delta(self.before.nodes, after.nodes))
+        summary.add_row("parameters", f"{self.before.parameters:,}", f"{after.parameters:,}",
+                        _delta(self.before.parameters, after.parameters))
+        summary.add_row("size", _mb(self.before.bytes), _mb(after.bytes), _delta(self.before.bytes, after.bytes))
+        if self.latency_before and self.latency_after:
+            summary.add_row("latency median (ms)", f"{self.latency_before.median_ms:.3f}",
+                            f"{self.latency_after.median_ms:.3f}", f"{self.speedup:.2f}x speed-up")
+            summary.add_row("latency p90 (ms)", f"{self.latency_before.p90_ms:.3f}",
+                            f"{self.latency_after.p90_ms:.3f}", "")
+        for op, (b, a) in _op_changes(self.before.op_counts, after.op_counts).items():
+            summary.add_row(f"  {op}", str(b), str(a), _delta(b, a))
+        console.print(summary)
+
+        passes = Table(title="passes")
+        for col in ("pass", "status", "time (s)", "what it did"):
+            passes.add_column(col)
+        for p in self.passes:
+            did = ", ".join(f"{k}={v}" for k, v in p.counters.items())
+            if p.reason:
+                did = f"{did}; {p.reason}" if did else p.reason
+            passes.add_row(p.spec, p.status, f"{p.seconds:.2f}", did)
+        console.print(passes)
+        skipped = [(p.name, d) for p in self.passes for d in p.decisions if d.action == "skipped"]
+        for name, d in skipped[:20]:
+            console.print(f"  [dim]{name}: skipped {d.site}: {d.reason}[/dim]")
+        if len(skipped) > 20:
+            console.print(f"  [dim]... {len(skipped) - 20} more skipped sites in the JSON report[/dim]")
+
+        errors = Table(title=f"numerics vs original ({self.inputs.get('validation_samples')} validation samples"
+                             + (", synthetic inputs" if self.inputs.get("synthetic") else "") + ")")
+        for col in ("output", "max abs", "mean abs", "rel L2", "cosine", "top-1 agree", "NaN/Inf"):
+            errors.add_column(col, justify="right")
+        for m in self.metrics:
+            errors.add_row(m.name, f"{m.max_abs:.3g}", f"{m.mean_abs:.3g}", f"{m.rel_l2:.3g}", f"{m.cosine:.6f}",
+                           "-" if m.top1_agreement is None else f"{m.top1_agreement:.2%}", str(m.nonfinite_new))
+        console.print(errors)
+        if self.passed:
+            console.print("[green]verification passed[/green]")
+        else:
+            console.print("[red]verification FAILED:[/red] " + "; ".join(self.violations))
+
+
+def _op_changes(before: dict, after: dict) -> dict[str, tuple[int, int]]:
+    ops = sorted(set(before) | set(after))
+    return {op: (before.get(op, 0), after.get(op, 0)) for op in ops if before.get(op, 0) != after.get(op, 0)}
+
+
+def _delta(b: float, a: float) -> str:
+    if b == a:
+        return ""
+    if b == 0:
+        return f"+{a}"
+    return f"{(a - b) / b:+.1%}"
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.3f} MB"
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+__all__ = ["Report", "PassRecord", "ModelStats", "machine", "write_text_atomic"]

@@ -1,0 +1,119 @@
+"""onnxruntime sessions with explicit settings, running feeds, and latency measurement."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from .errors import InputError
+
+Feed = dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class RuntimeSettings:
+    """How every session is built. Fixed thread counts make latencies comparable between runs."""
+
+    intra_op_threads: int = field(default_factory=lambda: max(1, os.cpu_count() or 1))
+    inter_op_threads: int = 1
+    providers: tuple[str, ...] = ("CPUExecutionProvider",)
+    graph_optimization: str = "all"  # disable | basic | extended | all
+    log_severity: int = 3  # errors only: ORT's warnings would drown our own output
+
+    def __post_init__(self):
+        if self.graph_optimization not in _OPT_LEVELS:
+            raise ValueError(f"graph_optimization must be one of {sorted(_OPT_LEVELS)}")
+        if self.intra_op_threads < 1 or self.inter_op_threads < 1:
+            raise ValueError("thread counts must be at least 1")
+
+
+_OPT_LEVELS = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+
+
+def session_options(settings: RuntimeSettings) -> ort.SessionOptions:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = settings.intra_op_threads
+    opts.inter_op_num_threads = settings.inter_op_threads
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = _OPT_LEVELS[settings.graph_optimization]
+    opts.log_severity_level = settings.log_severity
+    return opts
+
+
+def make_session(model, settings: RuntimeSettings | None = None) -> ort.InferenceSession:
+    """An ORT session for a Model. Models over 2 GB go through a temporary file with external data."""
+    settings = settings or RuntimeSettings()
+    opts = session_options(settings)
+    if model.byte_size() < 2**31:
+        return ort.InferenceSession(model.to_bytes(), opts, providers=list(settings.providers))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.onnx"
+        model.save(path, external_data=True)
+        return ort.InferenceSession(str(path), opts, providers=list(settings.providers))
+
+
+def run(session: ort.InferenceSession, feeds: list[Feed]) -> list[dict[str, np.ndarray]]:
+    """Run every feed; returns one {output name: array} per feed."""
+    names = [o.name for o in session.get_outputs()]
+    results = []
+    for feed in feeds:
+        try:
+            values = session.run(names, feed)
+        except Exception as exc:  # ORT raises its own exception types; say which feed failed and why
+            shapes = {k: tuple(v.shape) for k, v in feed.items()}
+            raise InputError(f"onnxruntime could not run the model on inputs {shapes}: {_first_line(exc)}") from None
+        results.append(dict(zip(names, values)))
+    return results
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+@dataclass(frozen=True)
+class Latency:
+    median_ms: float
+    p90_ms: float
+    mean_ms: float
+    runs: int
+    threads: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def measure_latency(session: ort.InferenceSession, feed: Feed, *, warmup: int = 5, repeats: int = 50,
+                    max_seconds: float = 5.0, threads: int | None = None) -> Latency:
+    """Median and p90 wall time of one run on one feed, after warm-up.
+
+    Stops early once `max_seconds` have been spent on timed runs (at least 5 runs are always timed), so a slow
+    model does not stall the pipeline.
+    """
+    names = [o.name for o in session.get_outputs()]
+    for _ in range(warmup):
+        session.run(names, feed)
+    times = []
+    spent = 0.0
+    while len(times) < repeats and (spent < max_seconds or len(times) < 5):
+        t0 = time.perf_counter()
+        session.run(names, feed)
+        dt = time.perf_counter() - t0
+        times.append(dt * 1e3)
+        spent += dt
+    ordered = sorted(times)
+    p90 = ordered[min(len(ordered) - 1, int(round(0.9 * (len(ordered) - 1))))]
+    used = threads if threads is not None else session.get_session_options().intra_op_num_threads
+    return Latency(statistics.median(times), p90, statistics.fmean(times), len(times), used)
