@@ -38,6 +38,19 @@ def _consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
     return readers
 
 
+def _drop_nodes(graph: onnx.GraphProto, indices: set[int]) -> None:
+    """Remove nodes by position (protobuf wrappers have no stable identity to key on)."""
+    keep = [n for i, n in enumerate(graph.node) if i not in indices]
+    del graph.node[:]
+    graph.node.extend(keep)
+
+
+def _copy_node(node: onnx.NodeProto) -> onnx.NodeProto:
+    out = onnx.NodeProto()
+    out.CopyFrom(node)
+    return out
+
+
 def _constants(model: Model) -> dict[str, onnx.TensorProto]:
     inputs = {i.name for i in model.graph.input}
     return {t.name: t for t in model.graph.initializer if t.name not in inputs}
@@ -60,7 +73,7 @@ class FoldBatchNorm(Pass):
         outputs = {o.name for o in graph.output}
         taken = all_names(graph)
         decisions, removed, new_inits = [], set(), []
-        for bn in graph.node:
+        for index, bn in enumerate(graph.node):
             if bn.op_type != "BatchNormalization" or bn.domain not in DEFAULT_DOMAINS:
                 continue
             prev = producer.get(bn.input[0])
@@ -76,13 +89,11 @@ class FoldBatchNorm(Pass):
             new_inits.extend(folded)
             # The producer now writes the BN's output directly; the BN node goes away.
             prev.output[0] = bn.output[0]
-            removed.add(id(bn))
+            removed.add(index)
             decisions.append(Decision(bn.name, "folded", f"into {prev.op_type} {prev.name}"))
         if not removed:
             return PassResult(model, False, {"folded": 0}, decisions)
-        keep = [n for n in graph.node if id(n) not in removed]
-        del graph.node[:]
-        graph.node.extend(keep)
+        _drop_nodes(graph, removed)
         graph.initializer.extend(new_inits)
         _remove_unused_initializers(graph)
         drop_stale_value_info(graph)
@@ -186,7 +197,7 @@ class RemoveIdentity(Pass):
         consts = _constants(out)
         graph_inputs = {i.name for i in graph.input} | {t.name for t in graph.initializer}
         decisions, removed = [], set()
-        for node in list(graph.node):
+        for index, node in enumerate(graph.node):
             if node.op_type not in ("Identity", "Dropout") or node.domain not in DEFAULT_DOMAINS:
                 continue
             reason = _why_not_removable(node, out.opset, consts)
@@ -201,13 +212,11 @@ class RemoveIdentity(Pass):
                 rename_output(graph, src, dst)
             else:
                 replace_input(graph, dst, src)
-            removed.add(id(node))
+            removed.add(index)
             decisions.append(Decision(node.name, "removed", node.op_type))
         if not removed:
             return PassResult(model, False, {"removed": 0}, decisions)
-        keep = [n for n in graph.node if id(n) not in removed]
-        del graph.node[:]
-        graph.node.extend(keep)
+        _drop_nodes(graph, removed)
         drop_stale_value_info(graph)
         _remove_unused_initializers(graph)
         return PassResult(out, True, {"removed": len(removed)}, decisions)
@@ -252,8 +261,8 @@ class FoldConstants(Pass):
         static_shapes = _static_shapes(out)
         outputs = {o.name for o in graph.output}
         opsets = {o.domain: o.version for o in out.proto.opset_import}
-        decisions, folded = [], []
-        for node in graph.node:
+        decisions, folded = [], {}
+        for index, node in enumerate(graph.node):
             if node.domain not in DEFAULT_DOMAINS or has_subgraph(node) or node.op_type in NONDETERMINISTIC:
                 continue
             if any(o in outputs for o in node.output):
@@ -277,14 +286,12 @@ class FoldConstants(Pass):
             for name, value in zip(node.output, result):
                 if name:
                     values[name] = value
-            folded.append(node)
+            folded[index] = node
         if not folded:
             return PassResult(model, False, {"folded": 0}, decisions)
-        folded_ids = {id(n) for n in folded}
-        keep = [n for n in graph.node if id(n) not in folded_ids]
-        del graph.node[:]
-        graph.node.extend(keep)
-        for node in folded:
+        folded_nodes = [_copy_node(n) for n in folded.values()]
+        _drop_nodes(graph, set(folded))
+        for node in folded_nodes:
             for name in node.output:
                 if name:
                     graph.initializer.append(numpy_helper.from_array(values[name], name))
