@@ -6,6 +6,7 @@ Exit codes: 0 success, 1 verification failed, 2 bad usage or bad input. Errors a
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -53,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="shape for synthetic inputs with unknown dims, e.g. image=1x3x224x224")
         p.add_argument("--batch-size", type=int, help="cut calibration arrays into samples of this batch size")
         p.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: all cores)")
+        p.add_argument("--custom-op-library", action="append", default=[], metavar="LIB.so",
+                       help="register a shared library with onnxruntime for custom-domain ops, repeatable")
         p.add_argument("--seed", type=int, default=0)
 
     def tolerance_args(p):
@@ -134,7 +137,10 @@ def _progress(quiet: bool):
 def _runtime(args) -> RuntimeSettings:
     if args.threads is not None and args.threads < 1:
         raise UsageError("--threads must be at least 1")
-    return RuntimeSettings() if args.threads is None else RuntimeSettings(intra_op_threads=args.threads)
+    settings = RuntimeSettings(custom_op_libraries=tuple(args.custom_op_library))
+    if args.threads is not None:
+        settings = dataclasses.replace(settings, intra_op_threads=args.threads)
+    return settings
 
 
 def _tolerance(args, base: dict | None = None) -> Tolerance:

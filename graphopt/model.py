@@ -105,6 +105,19 @@ class Model:
     def to_bytes(self) -> bytes:
         return self.proto.SerializeToString()
 
+    def to_graphsurgeon(self):
+        """An onnx-graphsurgeon Graph of a copy of this model, for passes that edit with it."""
+        import onnx_graphsurgeon as gs
+
+        return gs.import_onnx(self.copy().proto)
+
+    def with_graphsurgeon(self, graph) -> "Model":
+        """A new Model from an edited graphsurgeon Graph, keeping this model's model-level fields."""
+        import onnx_graphsurgeon as gs
+
+        exported = gs.export_onnx(graph, do_type_check=False)
+        return make_model_like(self, exported.graph)
+
     def dependency_graph(self):
         from .depgraph import DependencyGraph  # built on demand, thrown away by the caller
 

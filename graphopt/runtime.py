@@ -26,6 +26,7 @@ class RuntimeSettings:
     providers: tuple[str, ...] = ("CPUExecutionProvider",)
     graph_optimization: str = "all"  # disable | basic | extended | all
     log_severity: int = 3  # errors only: ORT's warnings would drown our own output
+    custom_op_libraries: tuple[str, ...] = ()  # shared libraries implementing a model's custom-domain ops
 
     def __post_init__(self):
         if self.graph_optimization not in _OPT_LEVELS:
@@ -49,6 +50,13 @@ def session_options(settings: RuntimeSettings) -> ort.SessionOptions:
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.graph_optimization_level = _OPT_LEVELS[settings.graph_optimization]
     opts.log_severity_level = settings.log_severity
+    for lib in settings.custom_op_libraries:
+        if not Path(lib).is_file():
+            raise InputError(f"{lib}: custom op library not found")
+        try:
+            opts.register_custom_ops_library(str(lib))
+        except Exception as exc:
+            raise InputError(f"{lib}: onnxruntime could not load this custom op library: {_first_line(exc)}") from None
     return opts
 
 

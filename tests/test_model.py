@@ -93,3 +93,17 @@ def test_subgraphs_custom_domains_functions_and_metadata_survive_a_round_trip(tm
     assert {o.domain: o.version for o in again.opset_import} == {"": 17, "com.example": 1}
     assert again.graph.node[0].attribute[0].g.node[0].op_type in ("Neg", "Abs")
     assert again.ir_version == proto.ir_version
+
+
+def test_graphsurgeon_view_edits_a_copy_and_keeps_model_fields():
+    proto = make([helper.make_node("Relu", ["x"], ["a"], name="r"), helper.make_node("Neg", ["a"], ["y"], name="n")],
+                  [fvi("x", [2])], [fvi("y", [2])])
+    proto.metadata_props.add(key="k", value="v")
+    model = Model(proto)
+    graph = model.to_graphsurgeon()
+    graph.nodes[1].op = "Abs"
+    edited = model.with_graphsurgeon(graph)
+    onnx.checker.check_model(edited.proto)
+    assert [n.op_type for n in edited.graph.node] == ["Relu", "Abs"]
+    assert [n.op_type for n in model.graph.node] == ["Relu", "Neg"]
+    assert edited.proto.metadata_props[0].value == "v" and edited.opset == 17

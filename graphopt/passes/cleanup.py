@@ -87,8 +87,10 @@ class FoldBatchNorm(Pass):
                 decisions.append(Decision(bn.name, "skipped", folded))
                 continue
             new_inits.extend(folded)
+            consts.update((t.name, t) for t in folded)
             # The producer now writes the BN's output directly; the BN node goes away.
             prev.output[0] = bn.output[0]
+            producer[bn.output[0]] = prev  # a BN right after this one can fold into the same node
             removed.add(index)
             decisions.append(Decision(bn.name, "folded", f"into {prev.op_type} {prev.name}"))
         if not removed:
