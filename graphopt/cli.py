@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     opt = sub.add_parser("optimize", help="run passes and write a verified model", epilog=EXAMPLES,
                          formatter_class=argparse.RawDescriptionHelpFormatter)
-    opt.add_argument("model", help="input .onnx file (never modified)")
+    opt.add_argument("model", help="input .onnx file (never modified, unless -o names it and --overwrite is given)")
     opt.add_argument("-o", "--output", help="output .onnx file (default: INPUT.opt.onnx)")
     opt.add_argument("--pass", dest="passes", action="append", default=[], metavar="NAME[:key=value,...]",
                      help=f"a pass to run, repeatable, in order (default: {' '.join(DEFAULT_RECIPE)}); "
@@ -104,23 +104,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    err = Console(stderr=True, highlight=False)
     try:
         return {"optimize": cmd_optimize, "inspect": cmd_inspect, "compare": cmd_compare,
                 "bench": cmd_bench}[args.command](args)
     except VerificationError as exc:
-        err.print(f"graphopt: verification failed: {_one_line(exc)}", markup=False)
+        _error_line(f"graphopt: verification failed: {exc}")
         return 1
     except GraphoptError as exc:
-        err.print(f"graphopt: error: {_one_line(exc)}", markup=False)
+        _error_line(f"graphopt: error: {exc}")
         return 2
     except KeyboardInterrupt:
-        err.print("graphopt: interrupted; nothing was written", markup=False)
+        _error_line("graphopt: interrupted; nothing was written")
         return 130
 
 
-def _one_line(exc: Exception) -> str:
-    return " ".join(str(exc).split())
+def _error_line(text: str) -> None:
+    """Exactly one line on stderr, however long (no terminal wrapping), so scripts can read it."""
+    sys.stderr.write(" ".join(text.split()) + "\n")
 
 
 # ------------------------------------------------------------------------------------------- commands
@@ -176,6 +176,8 @@ def cmd_optimize(args) -> int:
 
     say = _progress(args.quiet)
     out_path = _output_path(args)
+    if args.report and not Path(args.report).resolve().parent.is_dir():
+        raise InputError(f"{args.report}: the report's folder does not exist")
     recipe_tolerance: dict = {}
     if args.recipe and args.passes:
         raise UsageError("give passes with --pass or with --recipe, not both")
