@@ -192,11 +192,12 @@ class DependencyGraph:
     def summary(self) -> dict:
         """What `graphopt inspect` prints about the graph's structure."""
         joins = self.joins()
+        chains = self.linear_chains()
         return {
             "nodes": self.nx.number_of_nodes(),
             "edges": self.nx.number_of_edges(),
-            "linear_chains": len(self.linear_chains()),
-            "longest_chain": max((len(c) for c in self.linear_chains()), default=0),
+            "linear_chains": len(chains),
+            "longest_chain": max((len(c) for c in chains), default=0),
             "residual_joins": sum(1 for j in joins if j.op_type != "Concat"),
             "concat_joins": sum(1 for j in joins if j.op_type == "Concat"),
             "nodes_with_subgraphs": sum(1 for n in self.nx.nodes if self.nx.nodes[n]["has_subgraph"]),

@@ -13,7 +13,7 @@ from .model import Model
 from .numerics import OutputMetrics, Tolerance, compare_outputs
 from .passes.base import Context, Pass, PassResult
 from .report import ModelStats, PassRecord, Report
-from .runtime import make_session, measure_latency, run
+from .runtime import make_session, measure_latencies, run
 
 MAX_VERIFY_SAMPLES_PER_PASS = 32  # per-pass checks use a subset; the final check uses every validation sample
 
@@ -57,9 +57,8 @@ class Pipeline:
         report.after = ModelStats.of(current)
         if self.measure_latency:
             ctx.progress("measuring latency (original, then optimized)")
-            feed = validation[0]
-            report.latency_before = measure_latency(original_session, feed, threads=ctx.runtime.intra_op_threads)
-            report.latency_after = measure_latency(final_session, feed, threads=ctx.runtime.intra_op_threads)
+            report.latency_before, report.latency_after = measure_latencies(
+                [original_session, final_session], validation[0], threads=ctx.runtime.intra_op_threads)
         report.seconds = time.perf_counter() - started
         applied = [str(r.spec) for r in report.passes if r.status == "applied"]
         return current.with_provenance(applied), report

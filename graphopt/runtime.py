@@ -103,25 +103,50 @@ class Latency:
         return asdict(self)
 
 
-def measure_latency(session: ort.InferenceSession, feed: Feed, *, warmup: int = 5, repeats: int = 50,
-                    max_seconds: float = 5.0, threads: int | None = None) -> Latency:
+def measure_latency(session: ort.InferenceSession, feed: Feed, *, warmup: int = 10, repeats: int = 50,
+                    min_seconds: float = 0.5, max_seconds: float = 5.0, threads: int | None = None) -> Latency:
     """Median and p90 wall time of one run on one feed, after warm-up.
 
-    Stops early once `max_seconds` have been spent on timed runs (at least 5 runs are always timed), so a slow
-    model does not stall the pipeline.
+    Times at least `repeats` runs and keeps going until `min_seconds` of timed runs (fast models need many runs
+    for a stable median), but stops after `max_seconds` so that a slow model does not stall the pipeline.
     """
-    names = [o.name for o in session.get_outputs()]
-    for _ in range(warmup):
-        session.run(names, feed)
-    times = []
-    spent = 0.0
-    while len(times) < repeats and (spent < max_seconds or len(times) < 5):
-        t0 = time.perf_counter()
-        session.run(names, feed)
-        dt = time.perf_counter() - t0
-        times.append(dt * 1e3)
-        spent += dt
+    return measure_latencies([session], feed, warmup=warmup, repeats=repeats, min_seconds=min_seconds,
+                             max_seconds=max_seconds, threads=threads)[0]
+
+
+def measure_latencies(sessions: list[ort.InferenceSession], feed: Feed, *, warmup: int = 10, repeats: int = 50,
+                      min_seconds: float = 0.5, max_seconds: float = 5.0, threads: int | None = None
+                      ) -> list[Latency]:
+    """Latency of several sessions on the same feed, measured in interleaved rounds.
+
+    Alternating short rounds between the sessions spreads any drift of the machine (frequency, other load)
+    evenly over them, so their ratio is fairer than timing one after the other.
+    """
+    names = [[o.name for o in s.get_outputs()] for s in sessions]
+    for s, n in zip(sessions, names):
+        for _ in range(warmup):
+            s.run(n, feed)
+    times: list[list[float]] = [[] for _ in sessions]
+    spent = [0.0 for _ in sessions]
+    round_size = 5
+    while True:
+        for i, (s, n) in enumerate(zip(sessions, names)):
+            for _ in range(round_size):
+                t0 = time.perf_counter()
+                s.run(n, feed)
+                dt = time.perf_counter() - t0
+                times[i].append(dt * 1e3)
+                spent[i] += dt
+        runs = len(times[0])
+        if runs >= repeats and min(spent) >= min_seconds:
+            break
+        if max(spent) >= max_seconds and runs >= 5:
+            break
+    used = threads if threads is not None else sessions[0].get_session_options().intra_op_num_threads
+    return [_stats(t, used) for t in times]
+
+
+def _stats(times: list[float], threads: int) -> Latency:
     ordered = sorted(times)
     p90 = ordered[min(len(ordered) - 1, int(round(0.9 * (len(ordered) - 1))))]
-    used = threads if threads is not None else session.get_session_options().intra_op_num_threads
-    return Latency(statistics.median(times), p90, statistics.fmean(times), len(times), used)
+    return Latency(statistics.median(times), p90, statistics.fmean(times), len(times), threads)
