@@ -52,8 +52,8 @@ def _copy_node(node: onnx.NodeProto) -> onnx.NodeProto:
 
 
 def _constants(model: Model) -> dict[str, onnx.TensorProto]:
-    inputs = {i.name for i in model.graph.input}
-    return {t.name: t for t in model.graph.initializer if t.name not in inputs}
+    names = model.constant_names()
+    return {name: t for name, t in model.initializers().items() if name in names}
 
 
 # ============================================================================ BatchNormalization folding
