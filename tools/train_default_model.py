@@ -17,7 +17,7 @@ Outputs (written atomically into ``--out-dir``, default ``examples``):
 * ``fashion_test_labels.npy``   - their int64 labels.
 
 The dataset is read from /usr/share/datasets/fashion-mnist (install it with
-``tools/setup_data.sh``).
+``tools/setup_material.sh``).
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def load_split(split: str) -> tuple[np.ndarray, np.ndarray]:
     lbl_path = os.path.join(DATA_DIR, f"{split}-labels-idx1-ubyte.gz")
     for p in (img_path, lbl_path):
         if not os.path.exists(p):
-            sys.exit(f"missing {p}; run tools/setup_data.sh first")
+            sys.exit(f"missing {p}; run tools/setup_material.sh first")
     with gzip.open(img_path) as f:
         images = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 28, 28)
     with gzip.open(lbl_path) as f:
