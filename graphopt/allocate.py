@@ -1,0 +1,185 @@
+"""Budget allocation shared by the compression passes: pick one option per site to minimise the predicted
+distortion while the summed cost (latency, bytes, MACs, parameters) stays within a budget.
+
+This is the multiple-choice knapsack problem. `allocate` solves it exactly with scipy's MILP solver (HiGHS);
+`allocate_dp` solves it by dynamic programming over a discretised cost axis and is used to cross-check the MILP
+and where scipy is unavailable. Sites that must take the same choice (tensors sharing a scale, branches of a
+residual join) are merged first with `tie`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+from .errors import GraphoptError, UsageError
+
+
+@dataclass(frozen=True)
+class Option:
+    label: str  # e.g. "fp32", "int8", "rank=32"
+    cost: float  # what the budget limits, in one unit across all sites (ms, bytes, MACs)
+    distortion: float  # predicted output distortion when this option is taken (additive across sites)
+
+
+@dataclass(frozen=True)
+class Site:
+    name: str
+    options: tuple[Option, ...]
+
+    def __post_init__(self):
+        if not self.options:
+            raise UsageError(f"site {self.name!r} has no options")
+
+
+@dataclass
+class Allocation:
+    choice: dict[str, Option]
+    cost: float
+    distortion: float
+    budget: float
+    method: str
+    members: dict[str, tuple[str, ...]] = field(default_factory=dict)  # tied site -> original sites
+
+    def expanded(self) -> dict[str, Option]:
+        """Choices per original site, undoing `tie` (each member gets its own share of the tied option)."""
+        out = {}
+        for name, option in self.choice.items():
+            for member in self.members.get(name, (name,)):
+                out[member] = option
+        return out
+
+
+class BudgetInfeasible(GraphoptError):
+    """No combination of options meets the budget; `best_cost` is the cheapest reachable total."""
+
+    def __init__(self, budget: float, best_cost: float):
+        super().__init__(f"no assignment meets the budget {budget:.6g}; the cheapest reachable is {best_cost:.6g}")
+        self.budget = budget
+        self.best_cost = best_cost
+
+
+def tie(sites: Sequence[Site], groups: Sequence[Sequence[str]]) -> tuple[list[Site], dict[str, tuple[str, ...]]]:
+    """Merge sites that must take the same option label into one site.
+
+    A merged site offers only the labels every member offers; its cost and distortion are the members' sums.
+    Returns the new site list and a map merged name -> member names.
+    """
+    by_name = {s.name: s for s in sites}
+    members: dict[str, tuple[str, ...]] = {}
+    used: set[str] = set()
+    merged_sites = []
+    for group in groups:
+        group = tuple(dict.fromkeys(group))
+        unknown = [g for g in group if g not in by_name]
+        if unknown:
+            raise UsageError(f"tie group names unknown sites {unknown}")
+        overlap = used & set(group)
+        if overlap:
+            raise UsageError(f"sites {sorted(overlap)} appear in two tie groups; merge those groups first")
+        if len(group) == 1:
+            continue
+        used.update(group)
+        label_sets = [{o.label for o in by_name[g].options} for g in group]
+        common = [o.label for o in by_name[group[0]].options if all(o.label in s for s in label_sets)]
+        if not common:
+            raise UsageError(f"tied sites {list(group)} share no option")
+        options = []
+        for label in common:
+            picked = [next(o for o in by_name[g].options if o.label == label) for g in group]
+            options.append(Option(label, sum(o.cost for o in picked), sum(o.distortion for o in picked)))
+        name = "+".join(group)
+        merged_sites.append(Site(name, tuple(options)))
+        members[name] = group
+    singles = [s for s in sites if s.name not in used]
+    return singles + merged_sites, members  # untied sites in the caller's order, merged ones after them
+
+
+def _check(sites: Sequence[Site], budget: float) -> None:
+    if not sites:
+        raise UsageError("nothing to allocate: no sites")
+    if not np.isfinite(budget):
+        raise UsageError(f"budget must be a finite number, got {budget}")
+    names = [s.name for s in sites]
+    if len(set(names)) != len(names):
+        raise UsageError("site names must be unique")
+    cheapest = sum(min(o.cost for o in s.options) for s in sites)
+    if cheapest > budget + 1e-12 * max(1.0, abs(budget)):
+        raise BudgetInfeasible(budget, cheapest)
+
+
+def allocate(sites: Sequence[Site], budget: float, members: dict | None = None) -> Allocation:
+    """Exact minimum-distortion choice under `sum(cost) <= budget` (scipy MILP / HiGHS)."""
+    from scipy.optimize import Bounds, LinearConstraint, milp
+
+    _check(sites, budget)
+    sizes = [len(s.options) for s in sites]
+    n = sum(sizes)
+    cost = np.array([o.cost for s in sites for o in s.options], dtype=float)
+    dist = np.array([o.distortion for s in sites for o in s.options], dtype=float)
+    one_each = np.zeros((len(sites), n))
+    start = 0
+    for i, k in enumerate(sizes):
+        one_each[i, start:start + k] = 1.0
+        start += k
+    constraints = [LinearConstraint(one_each, 1, 1), LinearConstraint(cost[None, :], -np.inf, budget)]
+    res = milp(dist, constraints=constraints, integrality=np.ones(n), bounds=Bounds(0, 1))
+    if res.status != 0 or res.x is None:
+        raise GraphoptError(f"the MILP solver failed: {res.message}")
+    x = np.round(res.x).astype(int)
+    choice, start = {}, 0
+    for s, k in zip(sites, sizes):
+        choice[s.name] = s.options[int(np.argmax(x[start:start + k]))]
+        start += k
+    return _result(choice, budget, "milp", members)
+
+
+def allocate_dp(sites: Sequence[Site], budget: float, resolution: int = 2000,
+                members: dict | None = None) -> Allocation:
+    """Multiple-choice knapsack by dynamic programming on costs rounded up to `budget / resolution` steps.
+
+    Rounding up keeps every returned assignment within budget; the answer is optimal for the rounded costs.
+    """
+    _check(sites, budget)
+    floor = sum(min(o.cost for o in s.options) for s in sites)
+    # Shift each site's costs by its cheapest option so the grid spans only the room above the minimum.
+    room = budget - floor
+    step = room / resolution if room > 0 else 1.0
+    cap = resolution if room > 0 else 0
+    inf = float("inf")
+    best = np.full(cap + 1, inf)
+    best[0] = 0.0
+    picks = []
+    for s in sites:
+        base = min(o.cost for o in s.options)
+        new = np.full(cap + 1, inf)
+        pick = np.full(cap + 1, -1, dtype=int)
+        for j, o in enumerate(s.options):
+            w = int(np.ceil((o.cost - base) / step - 1e-9)) if room > 0 else (0 if o.cost <= base else cap + 1)
+            if w > cap:
+                continue
+            cand = np.full(cap + 1, inf)
+            cand[w:] = best[:cap + 1 - w] + o.distortion
+            better = cand < new
+            new[better] = cand[better]
+            pick[better] = j
+        best = new
+        picks.append(pick)
+    c = int(np.argmin(best))
+    if not np.isfinite(best[c]):
+        raise BudgetInfeasible(budget, floor)
+    choice = {}
+    for s, pick in zip(reversed(sites), reversed(picks)):
+        j = int(pick[c])
+        o = s.options[j]
+        choice[s.name] = o
+        base = min(x.cost for x in s.options)
+        c -= int(np.ceil((o.cost - base) / step - 1e-9)) if room > 0 else 0
+    return _result(choice, budget, "dp", members)
+
+
+def _result(choice: dict[str, Option], budget: float, method: str, members) -> Allocation:
+    return Allocation(choice, sum(o.cost for o in choice.values()), sum(o.distortion for o in choice.values()),
+                      budget, method, dict(members or {}))
