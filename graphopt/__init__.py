@@ -15,6 +15,7 @@ from typing import Callable, Sequence
 from ._version import __version__
 from .calibration import InputSet, prepare_inputs
 from .errors import GraphoptError, InputError, UsageError, VerificationError
+from .export import ExportResult, export  # imports torch only when called; binds the function over the submodule
 from .model import Model, load
 from .numerics import Tolerance
 from .passes import DEFAULT_RECIPE, REGISTRY, Context, Pass, PassResult, create, parse_pass_spec
@@ -60,4 +61,4 @@ def optimize(model: Model | str | os.PathLike, passes: Sequence[Pass | str] | No
 __all__ = ["__version__", "load", "optimize", "Model", "Pipeline", "Context", "Pass", "PassResult", "Report",
            "Tolerance", "RuntimeSettings", "InputSet", "REGISTRY", "DEFAULT_RECIPE", "FoldBatchNorm",
            "FoldConstants", "RemoveDead", "RemoveIdentity", "GraphoptError", "InputError", "UsageError",
-           "VerificationError", "resolve_passes"]
+           "VerificationError", "resolve_passes", "export", "ExportResult"]

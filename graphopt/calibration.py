@@ -14,7 +14,6 @@ along its batch axis into samples of `batch_size` (default: the model's fixed ba
 from __future__ import annotations
 
 import re
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Protocol
@@ -239,8 +238,7 @@ def split_samples(samples: list[Feed], validation_fraction: float = 0.5, seed: i
                   max_validation: int = 128, synthetic: bool = False) -> InputSet:
     if not 0.0 < validation_fraction < 1.0:
         raise UsageError("validation_fraction must be between 0 and 1")
-    if len(samples) == 1:
-        warnings.warn("only one sample: calibration and validation share it", stacklevel=2)
+    if len(samples) == 1:  # nothing to hold out: the report's sample counts show it
         return InputSet(samples, samples, synthetic)
     order = np.random.default_rng(seed).permutation(len(samples))
     n_val = min(max_validation, max(1, int(round(len(samples) * validation_fraction))))

@@ -1,4 +1,4 @@
-"""The `graphopt` command line: optimize, inspect, compare, bench.
+"""The `graphopt` command line: optimize, export, inspect, compare, bench.
 
 Exit codes: 0 success, 1 verification failed, 2 bad usage or bad input. Errors are one line on stderr.
 """
@@ -32,8 +32,24 @@ examples:
   graphopt inspect model.onnx
   graphopt compare model.onnx model.opt.onnx --calib inputs.npz
   graphopt bench model.onnx --threads 1
+  graphopt export models.mobilenet_v2:build --input image=1x3x224x224 --dynamic image=0 -o mnv2.onnx
 
 exit codes: 0 success, 1 verification failed, 2 bad usage or bad input
+"""
+
+
+EXPORT_EXAMPLES = """\
+examples:
+  graphopt export models.mobilenet_v2:build --input image=1x3x224x224 --dynamic image=0 -o mnv2.onnx
+  graphopt export models.minilm:build --input input_ids=1x128:int64 --input attention_mask=1x128:int64 \\
+      --dynamic input_ids=0 --dynamic input_ids=1 --dynamic attention_mask=0 --dynamic attention_mask=1 -o m.onnx
+
+torch and onnxruntime run on the example inputs and again with every dynamic axis doubled; each output must
+reach max abs error <= --atol or relative L2 error <= --rtol (integer outputs: exact). Generated inputs:
+floats standard normal, integers token ids in [0, 1000), names containing "mask" ones (ending in zeros in the
+second check). Nothing is written when a check fails, unless --force.
+
+exit codes: 0 success, 1 onnxruntime disagrees with torch, 2 bad usage or bad input
 """
 
 
@@ -99,6 +115,29 @@ def build_parser() -> argparse.ArgumentParser:
     inputs_args(bench)
     bench.add_argument("--warmup", type=int, default=10)
     bench.add_argument("--repeats", type=int, default=100)
+
+    exp = sub.add_parser("export", help="export a torch module to ONNX, checked against torch in onnxruntime",
+                         epilog=EXPORT_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    exp.add_argument("target", metavar="MODULE:CALLABLE",
+                     help="a callable taking no arguments that returns the torch.nn.Module (the current folder is "
+                          "importable)")
+    exp.add_argument("--input", dest="inputs", action="append", required=True, metavar="NAME=SHAPE[:DTYPE]",
+                     help="an input, repeatable, in forward()'s order unless every name is a forward() "
+                          "parameter; DTYPE float32 (default), float16, float64, int64, int32, bool, ...")
+    exp.add_argument("--dynamic", action="append", default=[], metavar="NAME=AXIS",
+                     help="an axis of an input that may change size, repeatable (symbolic dim NAME_dimAXIS)")
+    exp.add_argument("-o", dest="export_path", required=True, metavar="FILE.onnx", help="the ONNX file to write")
+    exp.add_argument("--output-name", dest="output_names", action="append", default=[], metavar="NAME",
+                     help="name of forward()'s next output tensor, repeatable (default: output, or output_0, ...)")
+    exp.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
+    exp.add_argument("--atol", type=float, default=1e-4, metavar="X",
+                     help="an output passes when its max abs error <= X (default 1e-4) ...")
+    exp.add_argument("--rtol", type=float, default=1e-4, metavar="X",
+                     help="... or its relative L2 error <= X (default 1e-4)")
+    exp.add_argument("--seed", type=int, default=0, help="seed of the generated inputs")
+    exp.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    exp.add_argument("--force", action="store_true", help="write the file even if the check fails")
+    exp.add_argument("-q", "--quiet", action="store_true", help="no progress messages")
     return parser
 
 
@@ -106,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return {"optimize": cmd_optimize, "inspect": cmd_inspect, "compare": cmd_compare,
-                "bench": cmd_bench}[args.command](args)
+                "bench": cmd_bench, "export": cmd_export}[args.command](args)
     except VerificationError as exc:
         _error_line(f"graphopt: verification failed: {exc}")
         return 1
@@ -300,6 +339,70 @@ def cmd_bench(args) -> int:
           f"over {lat.runs} runs ({lat.threads} threads, inputs {shapes})")
     return 0
 
+
+def cmd_export(args) -> int:
+    from .export import export, load_module, parse_dynamic_spec, parse_input_spec
+
+    # everything that needs no torch and no user code is checked first: mistakes fail in a fraction of a second
+    specs = [parse_input_spec(s) for s in args.inputs]
+    names = [name for name, _, _ in specs]
+    duplicate = next((n for n in names if names.count(n) > 1), None)
+    if duplicate:
+        raise UsageError(f"--input {duplicate} is given twice")
+    dynamic: dict[str, list[int]] = {}
+    for item in args.dynamic:
+        name, axis = parse_dynamic_spec(item)
+        if name not in names:
+            raise UsageError(f"--dynamic {item}: no --input is named {name!r} (inputs: {', '.join(names)})")
+        rank = len(next(shape for n, shape, _ in specs if n == name))
+        if not -rank <= axis < rank:
+            raise UsageError(f"--dynamic {item}: axis out of range, input {name!r} has {rank} dims "
+                             f"(axes 0..{rank - 1})")
+        dynamic.setdefault(name, []).append(axis)
+    if args.opset < 7:
+        raise UsageError(f"--opset {args.opset}: graphopt needs opset 7 or newer")
+    if not (args.atol >= 0 and args.rtol >= 0):
+        raise UsageError("--atol and --rtol must be non-negative numbers")
+    out_path = Path(args.export_path)
+    if out_path.exists() and not args.overwrite:
+        raise InputError(f"{out_path}: already exists; pass --overwrite to replace it")
+    if not out_path.resolve().parent.is_dir():
+        raise InputError(f"{out_path.parent}: output folder does not exist")
+
+    say = _progress(args.quiet)
+    module = load_module(args.target, progress=say)
+    console = Console(highlight=False)
+    try:
+        result = export(module, {n: (shape, dtype) for n, shape, dtype in specs}, out_path, dynamic=dynamic,
+                        opset=args.opset, output_names=args.output_names or None, atol=args.atol, rtol=args.rtol,
+                        overwrite=args.overwrite, force=args.force, seed=args.seed, progress=say)
+    except VerificationError as exc:
+        if getattr(exc, "result", None) is not None:
+            _render_export_checks(console, exc.result)
+        raise
+    _render_export_checks(console, result)
+    console.print(f"wrote {out_path}" + ("" if result.passed else " (onnxruntime disagrees with torch, written "
+                                                                   "by --force)"))
+    return 0 if result.passed else 1
+
+
+def _render_export_checks(console: Console, result) -> None:
+    from rich.table import Table
+
+    table = Table(title="torch vs onnxruntime")
+    for col in ("check", "output", "max abs", "rel L2", "NaN/Inf", "ok"):
+        table.add_column(col, justify="right" if col in ("max abs", "rel L2", "NaN/Inf") else "left")
+    for i, c in enumerate(result.checks, 1):
+        if c["error"]:
+            table.add_row(f"{i}", "-", "-", "-", "-", "[red]no[/red]")
+        for o in c["outputs"]:
+            table.add_row(f"{i}", o["name"], f"{o['max_abs']:.3g}", f"{o['rel_l2']:.3g}", str(o["nonfinite_new"]),
+                          "yes" if o["passed"] else "[red]no[/red]")
+    console.print(table)
+    for i, c in enumerate(result.checks, 1):
+        shapes = ", ".join(f"{k}={'x'.join(map(str, s))}" for k, s in c["inputs"].items())
+        console.print(f"check {i}, {c['check']}: {shapes}" + (f": {c['error']}" if c["error"] else ""),
+                      markup=False)
 
 if __name__ == "__main__":
     sys.exit(main())

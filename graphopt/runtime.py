@@ -25,7 +25,7 @@ class RuntimeSettings:
     inter_op_threads: int = 1
     providers: tuple[str, ...] = ("CPUExecutionProvider",)
     graph_optimization: str = "all"  # disable | basic | extended | all
-    log_severity: int = 3  # errors only: ORT's warnings would drown our own output
+    log_severity: int = 4  # fatal only: our own one-line errors say what went wrong
     custom_op_libraries: tuple[str, ...] = ()  # shared libraries implementing a model's custom-domain ops
 
     def __post_init__(self):
