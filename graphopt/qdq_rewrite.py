@@ -1,0 +1,272 @@
+"""Insert QuantizeLinear/DequantizeLinear so that onnxruntime's CPU provider fuses them into integer kernels.
+
+A *site* is a Conv, MatMul or Gemm with a constant weight. Putting a site in int8 means:
+- its activation input and its output carry Q->DQ with uint8 asymmetric parameters from calibration;
+- its weight becomes an int8 initializer (symmetric, per output channel) behind a DequantizeLinear;
+- its bias becomes int32 with scale input_scale x weight_scale (the weight scale is raised where that would
+  overflow);
+- a Relu or Clip(0, max) right after it is absorbed into the output's quantization range (uint8 with zero-point 0
+  clamps below 0, and the range ends at the clip's max), which is what lets ORT fuse DQ->Conv->Q.
+Ops between int8 sites follow: data-movement ops whose input is quantized keep the input's parameters (ORT drops
+their Q/DQ), and Add/Mul/Concat/pooling with every input quantized get their own output parameters (QLinearAdd,
+QLinearConcat, ...). uint8 activations avoid the signed-int8 fan-out trap: a quantized tensor with several
+readers still fuses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from .editing import all_names, unique_name
+from .model import Model
+from .quant import QParams, activation_qparams, guard_bias_overflow, quantize_bias, quantize_weight, weight_qparams
+
+SAME_SCALE_OPS = {"MaxPool", "Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze"}
+OWN_SCALE_OPS = {"Add", "Mul", "Concat", "GlobalAveragePool", "AveragePool"}
+MIN_OPSET = 13  # per-channel QuantizeLinear/DequantizeLinear
+
+
+@dataclass
+class Site:
+    node: str
+    op_type: str
+    activation: str  # the input tensor to quantize
+    weight: str
+    weight_axis: int  # output-channel axis of the weight
+    bias: str | None
+    output: str  # the node's own output
+    absorbed: str | None = None  # a Relu/Clip right after, absorbed into the output range when int8
+    absorbed_max: float | None = None  # Clip's max
+    effective_output: str = ""  # absorbed node's output, else `output`
+    macs: int = 0
+    reason: str = ""  # why the site cannot be quantized (empty if it can)
+
+
+@dataclass
+class Plan:
+    """Which tensors carry Q/DQ and with what parameters, for a given set of int8 sites."""
+
+    int8_sites: set[str]
+    tensors: dict[str, QParams] = field(default_factory=dict)
+    bias_adjusted: dict[str, int] = field(default_factory=dict)
+
+
+def find_sites(model: Model) -> list[Site]:
+    """Every Conv/MatMul/Gemm with a constant weight, with the reason if it cannot be quantized."""
+    g = model.graph
+    consts = {n: t for n, t in model.initializers().items() if n in model.constant_names()}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in g.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    outputs = {o.name for o in g.output}
+    sites = []
+    for node in g.node:
+        if node.domain not in ("", "ai.onnx") or node.op_type not in ("Conv", "MatMul", "Gemm"):
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        weight = node.input[1] if len(node.input) > 1 else ""
+        site = Site(node.name, node.op_type, node.input[0], weight, 0, None, node.output[0])
+        if weight not in consts:
+            site.reason = "weight is not a constant initializer"
+        elif node.input[0] in consts:
+            site.reason = "activation input is constant"
+        w_shape = tuple(consts[weight].dims) if weight in consts else ()
+        if node.op_type == "Conv":
+            site.weight_axis = 0
+            site.bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+        elif node.op_type == "MatMul":
+            site.weight_axis = 1
+            if len(w_shape) != 2 and not site.reason:
+                site.reason = f"MatMul weight has rank {len(w_shape)}, expected 2"
+        else:  # Gemm
+            site.weight_axis = 0 if attrs.get("transB", 0) else 1
+            if attrs.get("transA", 0) and not site.reason:
+                site.reason = "Gemm with transA"
+            c = node.input[2] if len(node.input) > 2 and node.input[2] else None
+            if c is not None:
+                c_shape = tuple(consts[c].dims) if c in consts else None
+                n_out = w_shape[site.weight_axis] if w_shape else None
+                if c_shape == (n_out,) and attrs.get("beta", 1.0) == 1.0 and attrs.get("alpha", 1.0) == 1.0:
+                    site.bias = c
+                elif not site.reason:
+                    site.reason = "Gemm bias is not a constant vector with alpha = beta = 1"
+        if site.bias is not None and site.bias not in consts and not site.reason:
+            site.reason = "bias is not a constant initializer"
+        follow = readers.get(node.output[0], [])
+        if len(follow) == 1 and node.output[0] not in outputs:
+            act = follow[0]
+            clip_max = _clip_max(act, consts) if act.op_type == "Clip" else None
+            if act.op_type == "Relu" or (act.op_type == "Clip" and clip_max is not None):
+                site.absorbed, site.absorbed_max = act.name, clip_max
+                site.effective_output = act.output[0]
+        site.effective_output = site.effective_output or site.output
+        if site.effective_output in outputs and node.op_type == "Conv" and not site.reason:
+            # Conv fuses only as DQ->Conv->Q, and a graph output stays float; MatMul/Gemm fuse with a float output
+            site.reason = "its output is a graph output (kept in float)"
+        if w_shape:
+            site.macs = int(np.prod(w_shape))
+        sites.append(site)
+    return sites
+
+
+def _clip_max(node: onnx.NodeProto, consts) -> float | None:
+    """The max of a Clip whose min is 0 (so uint8 with zero-point 0 implements it), else None."""
+    lo = numpy_helper.to_array(consts[node.input[1]]) if len(node.input) > 1 and node.input[1] in consts else None
+    hi = numpy_helper.to_array(consts[node.input[2]]) if len(node.input) > 2 and node.input[2] in consts else None
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    lo = float(lo) if lo is not None else attrs.get("min")
+    hi = float(hi) if hi is not None else attrs.get("max")
+    return float(hi) if lo == 0.0 and hi is not None else None
+
+
+def tensors_to_quantize(model: Model, sites: list[Site], int8: set[str]) -> dict[str, str]:
+    """Tensor -> how its parameters are found: 'own' (its calibrated range) or 'same:<tensor>' (copy).
+
+    Int8 sites quantize their input and effective output; follower ops extend the integer region.
+    """
+    outputs = {o.name for o in model.graph.output}
+    by_name = {s.node: s for s in sites}
+    absorbed = {by_name[s].absorbed for s in int8 if by_name[s].absorbed}
+    plan: dict[str, str] = {}
+    for name in int8:
+        s = by_name[name]
+        plan.setdefault(s.activation, "own")
+        plan[s.effective_output] = "own"
+    consts = model.constant_names()
+    for node in model.graph.node:  # topological order: followers see their inputs' decisions first
+        if node.name in absorbed or node.domain not in ("", "ai.onnx"):
+            continue
+        acts = [i for i in node.input if i and i not in consts]
+        if not acts or not all(a in plan for a in acts):
+            continue
+        out = node.output[0]
+        if node.op_type in SAME_SCALE_OPS and len(acts) == 1:
+            plan.setdefault(out, f"same:{acts[0]}")
+        elif node.op_type in OWN_SCALE_OPS:
+            plan.setdefault(out, "own")
+    return {t: how for t, how in plan.items() if t not in outputs}
+
+
+def needed_statistics(model: Model, sites: list[Site]) -> list[str]:
+    """Tensors whose ranges any int8 assignment may need."""
+    usable = {s.node for s in sites if not s.reason}
+    plan = tensors_to_quantize(model, sites, usable)
+    return sorted(t for t, how in plan.items() if how == "own")
+
+
+def make_plan(model: Model, sites: list[Site], int8: set[str], ranges: dict[str, tuple[float, float]]) -> Plan:
+    how = tensors_to_quantize(model, sites, int8)
+    by_name = {s.node: s for s in sites}
+    caps = {by_name[s].effective_output: by_name[s].absorbed_max for s in int8 if by_name[s].absorbed}
+    plan = Plan(set(int8))
+    for tensor in sorted(how, key=lambda t: how[t] != "own"):  # own ranges first, copies after
+        rule = how[tensor]
+        if rule == "own":
+            if tensor not in ranges:
+                raise KeyError(f"no calibration range for tensor {tensor!r}")
+            lo, hi = ranges[tensor]
+            if tensor in caps:  # absorbed Relu/Clip: the range starts at 0 and stops at the clip's max
+                lo = 0.0
+                hi = min(hi, caps[tensor]) if caps[tensor] is not None else hi
+            plan.tensors[tensor] = activation_qparams(lo, hi)
+    for tensor, rule in how.items():
+        if rule.startswith("same:"):
+            src = rule[5:]
+            while src not in plan.tensors and how.get(src, "").startswith("same:"):
+                src = how[src][5:]
+            plan.tensors[tensor] = plan.tensors[src]
+    return plan
+
+
+def rewrite(model: Model, sites: list[Site], plan: Plan) -> Model:
+    """A new model with the plan's Q/DQ nodes, int8 weights and int32 biases."""
+    out = model.copy()
+    g = out.graph
+    taken = all_names(g)
+    by_name = {s.node: s for s in sites}
+    consts = out.initializers()
+    new_inits: list[onnx.TensorProto] = []
+    new_nodes: dict[str, list[onnx.NodeProto]] = {}  # inserted before the node with this name
+    drop = {by_name[s].absorbed for s in plan.int8_sites if by_name[s].absorbed}
+
+    def const(name: str, value: np.ndarray) -> str:
+        name = unique_name(name, taken)
+        new_inits.append(numpy_helper.from_array(value, name))
+        return name
+
+    def node(op, inputs, outputs, before, **attrs):
+        new_nodes.setdefault(before, []).append(
+            helper.make_node(op, inputs, outputs, name=unique_name(f"{outputs[0]}_{op}", taken), **attrs))
+
+    for node_proto in g.node:
+        s = by_name.get(node_proto.name)
+        if s is None or s.node not in plan.int8_sites:
+            continue
+        w = numpy_helper.to_array(consts[s.weight]).astype(np.float32)
+        wq = weight_qparams(w, s.weight_axis)
+        x_scale = float(plan.tensors[s.activation].scale)
+        if s.bias is not None:
+            b = numpy_helper.to_array(consts[s.bias]).astype(np.float32)
+            wq, raised = guard_bias_overflow(b, x_scale, wq)
+            if raised:
+                plan.bias_adjusted[s.node] = raised
+            b_int, b_scale = quantize_bias(b, x_scale, wq)
+            b_out = unique_name(f"{s.bias}_dq", taken)
+            node("DequantizeLinear", [const(f"{s.bias}_int32", b_int), const(f"{s.bias}_scale", b_scale),
+                                      const(f"{s.bias}_zp", np.zeros(b_scale.shape, np.int32))],
+                 [b_out], node_proto.name, axis=0)
+            node_proto.input[2] = b_out
+        w_out = unique_name(f"{s.weight}_dq", taken)
+        node("DequantizeLinear", [const(f"{s.weight}_int8", quantize_weight(w, wq)),
+                                  const(f"{s.weight}_scale", wq.scale), const(f"{s.weight}_zp", wq.zero_point)],
+             [w_out], node_proto.name, axis=s.weight_axis)
+        node_proto.input[1] = w_out
+        if s.absorbed:  # the site writes the absorbed activation's output directly
+            node_proto.output[0] = s.effective_output
+
+    # Q -> DQ after every planned tensor; its readers (except the Q) read the DQ output.
+    replacements = {}
+    for tensor, q in plan.tensors.items():
+        scale = const(f"{tensor}_scale", q.scale)
+        zp = const(f"{tensor}_zp", q.zero_point)
+        q_out, dq_out = unique_name(f"{tensor}_q", taken), unique_name(f"{tensor}_dq", taken)
+        replacements[tensor] = (helper.make_node("QuantizeLinear", [tensor, scale, zp], [q_out],
+                                                 name=unique_name(f"{tensor}_QuantizeLinear", taken)),
+                                helper.make_node("DequantizeLinear", [q_out, scale, zp], [dq_out],
+                                                 name=unique_name(f"{tensor}_DequantizeLinear", taken)), dq_out)
+    graph_inputs = {i.name for i in g.input}
+    ordered: list[onnx.NodeProto] = []
+    for tensor in graph_inputs & set(replacements):
+        ordered.extend(replacements[tensor][:2])
+    for node_proto in g.node:
+        if node_proto.name in drop:
+            continue
+        ordered.extend(new_nodes.get(node_proto.name, []))
+        for i, name in enumerate(node_proto.input):
+            if name in replacements:
+                node_proto.input[i] = replacements[name][2]
+        ordered.append(node_proto)
+        for name in node_proto.output:
+            if name in replacements:
+                ordered.extend(replacements[name][:2])
+    del g.node[:]
+    g.node.extend(ordered)
+    g.initializer.extend(new_inits)
+    _drop_unused(g)
+    return Model(out.proto, model.source)
+
+
+def _drop_unused(g: onnx.GraphProto) -> None:
+    used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
+    kept = [t for t in g.initializer if t.name in used]
+    del g.initializer[:]
+    g.initializer.extend(kept)
+    produced = {o for n in g.node for o in n.output}
+    stale = [vi for vi in g.value_info if vi.name not in produced]
+    for vi in stale:
+        g.value_info.remove(vi)
