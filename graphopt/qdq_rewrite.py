@@ -43,6 +43,7 @@ class Site:
     absorbed_max: float | None = None  # Clip's max
     effective_output: str = ""  # absorbed node's output, else `output`
     macs: int = 0
+    in_channels: int = 0  # size of the activation's channel axis (axis 1)
     reason: str = ""  # why the site cannot be quantized (empty if it can)
 
 
@@ -79,12 +80,14 @@ def find_sites(model: Model) -> list[Site]:
         if node.op_type == "Conv":
             site.weight_axis = 0
             site.bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+            site.in_channels = w_shape[1] * attrs.get("group", 1) if w_shape else 0
         elif node.op_type == "MatMul":
             site.weight_axis = 1
             if len(w_shape) != 2 and not site.reason:
                 site.reason = f"MatMul weight has rank {len(w_shape)}, expected 2"
         else:  # Gemm
             site.weight_axis = 0 if attrs.get("transB", 0) else 1
+            site.in_channels = w_shape[1 - site.weight_axis] if w_shape else 0
             if attrs.get("transA", 0) and not site.reason:
                 site.reason = "Gemm with transA"
             c = node.input[2] if len(node.input) > 2 and node.input[2] else None
@@ -203,8 +206,12 @@ def rewrite(model: Model, sites: list[Site], plan: Plan) -> Model:
         new_nodes.setdefault(before, []).append(
             helper.make_node(op, inputs, outputs, name=unique_name(f"{outputs[0]}_{op}", taken), **attrs))
 
+    float_readers = {}  # float Conv/Gemm site -> its own per-channel DQ of a quantized input
     for node_proto in g.node:
         s = by_name.get(node_proto.name)
+        if s is not None and s.node not in plan.int8_sites and not s.reason and s.activation in plan.tensors \
+                and s.op_type in ("Conv", "Gemm") and s.in_channels:
+            float_readers[s.node] = s
         if s is None or s.node not in plan.int8_sites:
             continue
         w = numpy_helper.to_array(consts[s.weight]).astype(np.float32)
@@ -239,6 +246,18 @@ def rewrite(model: Model, sites: list[Site], plan: Plan) -> Model:
                                                  name=unique_name(f"{tensor}_QuantizeLinear", taken)),
                                 helper.make_node("DequantizeLinear", [q_out, scale, zp], [dq_out],
                                                  name=unique_name(f"{tensor}_DequantizeLinear", taken)), dq_out)
+    # onnxruntime quantizes the float weight of a Conv/Gemm that reads a per-tensor DQ and feeds a Q
+    # (WeightBiasQuantization). A site meant to stay float reads its input through a per-channel DQ with the same
+    # parameters repeated: numerically identical, and outside that rewrite's pattern.
+    own_dq = {}
+    for name, s in float_readers.items():
+        q = plan.tensors[s.activation]
+        q_out = replacements[s.activation][0].output[0]
+        out_name = unique_name(f"{s.activation}_dq_float", taken)
+        node("DequantizeLinear", [q_out, const(f"{s.activation}_scale_pc", np.full(s.in_channels, q.scale, np.float32)),
+                                  const(f"{s.activation}_zp_pc", np.full(s.in_channels, q.zero_point, np.uint8))],
+             [out_name], name, axis=1)
+        own_dq[name] = out_name
     graph_inputs = {i.name for i in g.input}
     ordered: list[onnx.NodeProto] = []
     for tensor in graph_inputs & set(replacements):
@@ -250,6 +269,8 @@ def rewrite(model: Model, sites: list[Site], plan: Plan) -> Model:
         for i, name in enumerate(node_proto.input):
             if name in replacements:
                 node_proto.input[i] = replacements[name][2]
+        if node_proto.name in own_dq:
+            node_proto.input[0] = own_dq[node_proto.name]
         ordered.append(node_proto)
         for name in node_proto.output:
             if name in replacements:

@@ -2,6 +2,7 @@
 
 from .base import REGISTRY, Context, Decision, Pass, PassResult, create, parse_pass_spec, register
 from .cleanup import DEFAULT_RECIPE, FoldBatchNorm, FoldConstants, RemoveDead, RemoveIdentity
+from .qdq import QDQ
 
 __all__ = ["REGISTRY", "Context", "Decision", "Pass", "PassResult", "create", "parse_pass_spec", "register",
-           "DEFAULT_RECIPE", "FoldBatchNorm", "FoldConstants", "RemoveDead", "RemoveIdentity"]
+           "DEFAULT_RECIPE", "QDQ", "FoldBatchNorm", "FoldConstants", "RemoveDead", "RemoveIdentity"]

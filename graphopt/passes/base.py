@@ -28,7 +28,7 @@ class Decision:
 class PassResult:
     model: Model
     changed: bool
-    counters: dict[str, int] = field(default_factory=dict)
+    counters: dict[str, float] = field(default_factory=dict)
     decisions: list[Decision] = field(default_factory=list)
 
 
