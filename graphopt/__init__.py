@@ -54,7 +54,7 @@ def optimize(model: Model | str | os.PathLike, passes: Sequence[Pass | str] | No
     inputs = prepare_inputs(model, calibration, input_shapes=input_shapes, seed=seed)
     ctx = Context(inputs=inputs, runtime=runtime or RuntimeSettings(), seed=seed,
                   progress=progress or (lambda message: None))
-    pipeline = Pipeline(resolve_passes(passes), tolerance or Tolerance(), measure_latency, strict)
+    pipeline = Pipeline(resolve_passes(passes), tolerance, measure_latency, strict)
     return pipeline.run(model, ctx)
 
 

@@ -76,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     def tolerance_args(p):
         p.add_argument("--max-error", type=float, metavar="X",
-                       help="largest relative L2 error per output (default 1e-4)")
+                       help="largest relative L2 error per output (default 1e-4 for exact passes; lossy passes "
+                            "default to a guard: cosine >= 0.9)")
         p.add_argument("--max-abs-error", type=float, metavar="X", help="largest absolute error per output")
         p.add_argument("--min-cosine", type=float, metavar="X", help="smallest cosine similarity per output")
         p.add_argument("--min-agreement", type=float, metavar="X",
@@ -90,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f"a pass to run, repeatable, in order (default: {' '.join(DEFAULT_RECIPE)}); "
                           f"known: {', '.join(sorted(REGISTRY))}")
     opt.add_argument("--recipe", metavar="FILE.toml", help="passes and verification bounds from a TOML file")
+    opt.add_argument("--target-speedup", type=float, metavar="X",
+                     help="latency budget for the passes that take one (qdq): X times faster than the input")
     inputs_args(opt)
     tolerance_args(opt)
     opt.add_argument("--report", metavar="FILE.json", help="write the full report as JSON")
@@ -182,13 +185,14 @@ def _runtime(args) -> RuntimeSettings:
     return settings
 
 
-def _tolerance(args, base: dict | None = None) -> Tolerance:
+def _tolerance(args, base: dict | None = None) -> Tolerance | None:
+    """Bounds from the recipe, then the flags; None when neither sets any (the pipeline picks its default)."""
     fields = dict(base or {})
     for flag, key in (("max_error", "max_rel_l2"), ("max_abs_error", "max_abs"), ("min_cosine", "min_cosine"),
                       ("min_agreement", "min_top1_agreement")):
         if getattr(args, flag) is not None:
             fields[key] = getattr(args, flag)
-    return Tolerance(**fields)
+    return Tolerance(**fields) if fields else None
 
 
 def _inputs(args, model: Model):
@@ -224,6 +228,8 @@ def cmd_optimize(args) -> int:
         passes, recipe_tolerance = load_recipe(args.recipe)
     else:
         passes = [create(*parse_pass_spec(s)) for s in (args.passes or DEFAULT_RECIPE)]
+    if args.target_speedup is not None:
+        passes = [_with_default(p, "target_speedup", args.target_speedup) for p in passes]
     tolerance = _tolerance(args, recipe_tolerance)
     runtime = _runtime(args)
     say(f"loading {args.model}")
@@ -244,6 +250,17 @@ def cmd_optimize(args) -> int:
     optimized.save(out_path, external_data=args.external_data or None, overwrite=True)
     console.print(f"wrote {out_path}" + ("" if report.passed else " (verification failed, written by --force)"))
     return 0 if report.passed else 1
+
+
+def _with_default(p, key: str, value):
+    """The pass with `key` set to `value` if it has that parameter and the user did not set it already."""
+    fields = {f.name: f for f in dataclasses.fields(p)} if dataclasses.is_dataclass(p) else {}
+    if key not in fields or getattr(p, key) != fields[key].default:
+        return p
+    try:
+        return dataclasses.replace(p, **{key: value})
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"--{key.replace('_', '-')}: {exc}") from None
 
 
 def cmd_inspect(args) -> int:
@@ -318,7 +335,7 @@ def cmd_compare(args) -> int:
                       "-" if m.top1_agreement is None else f"{m.top1_agreement:.2%}", str(m.nonfinite_new))
     console = Console(highlight=False)
     console.print(table)
-    violations = _tolerance(args).violations(metrics)
+    violations = (_tolerance(args) or Tolerance()).violations(metrics)
     if violations:
         raise VerificationError("; ".join(violations))
     console.print("[green]within tolerance[/green]")

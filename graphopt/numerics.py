@@ -27,6 +27,12 @@ class OutputMetrics:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def default_for(cls, lossy: bool) -> "Tolerance":
+        """Exact rewrites: the strict defaults. Lossy passes (their own budgets set the quality): only a guard
+        that catches a broken result (cosine at least 0.9, no new NaN/Inf); tighten it with --max-error etc."""
+        return cls(max_rel_l2=None, min_cosine=0.9) if lossy else cls()
+
 
 def looks_like_class_scores(arr: np.ndarray) -> bool:
     """A float [batch, classes] output with at least two classes."""
@@ -135,3 +141,9 @@ class Tolerance:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def default_for(cls, lossy: bool) -> "Tolerance":
+        """Exact rewrites: the strict defaults. Lossy passes (their own budgets set the quality): only a guard
+        that catches a broken result (cosine at least 0.9, no new NaN/Inf); tighten it with --max-error etc."""
+        return cls(max_rel_l2=None, min_cosine=0.9) if lossy else cls()

@@ -21,7 +21,7 @@ MAX_VERIFY_SAMPLES_PER_PASS = 32  # per-pass checks use a subset; the final chec
 @dataclass
 class Pipeline:
     passes: list[Pass]
-    tolerance: Tolerance = field(default_factory=Tolerance)
+    tolerance: Tolerance | None = None  # None: strict for exact passes, a guard when any pass is lossy
     measure_latency: bool = True
     strict: bool = False  # a pass that fails verification fails the run instead of being rolled back
 
@@ -29,6 +29,8 @@ class Pipeline:
         for p in self.passes:
             if not isinstance(p, Pass):
                 raise UsageError(f"{p!r} is not a graphopt pass")
+        if self.tolerance is None:
+            self.tolerance = Tolerance.default_for(lossy=any(not p.exact for p in self.passes))
 
     def run(self, model: Model, ctx: Context) -> tuple[Model, Report]:
         if ctx.inputs is None or not ctx.inputs.validation:

@@ -47,6 +47,7 @@ class Pass:
 
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
+    exact: ClassVar[bool] = True  # lossy passes get a looser default verification bound
 
     def run(self, model: Model, ctx: Context) -> PassResult:  # pragma: no cover - interface
         raise NotImplementedError

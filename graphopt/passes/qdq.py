@@ -33,6 +33,7 @@ class QDQ(Pass):
 
     name = "qdq"
     description = "mixed-precision int8 QDQ from measured sensitivity and latency (lossy)"
+    exact = False
 
     target_speedup: float | None = None  # latency budget: fp32 latency / target_speedup
     latency_slack: float = 0.10  # default budget: at most this much slower than the all-int8 model
@@ -54,13 +55,13 @@ class QDQ(Pass):
         if model.opset < MIN_OPSET:
             return PassResult(model, False, decisions=[Decision("model", "skipped",
                                                                 f"opset {model.opset} < {MIN_OPSET}")])
-        if ctx.inputs is None or ctx.inputs.synthetic:
-            raise UsageError("the qdq pass needs real calibration data (--calib)")
         sites = find_sites(model)
         usable = [s for s in sites if not s.reason]
         decisions = [Decision(s.node, "skipped", s.reason) for s in sites if s.reason]
         if not usable:
             return PassResult(model, False, decisions=decisions)
+        if ctx.inputs is None or ctx.inputs.synthetic:
+            raise UsageError("the qdq pass needs real calibration data (--calib)")
         calib = ctx.inputs.calibration[: self.calibration_samples]
         ctx.progress(f"qdq: calibrating {len(needed_statistics(model, sites))} tensors on {len(calib)} samples")
         stats = collect_stats(model, needed_statistics(model, sites), calib, settings=ctx.runtime)
