@@ -55,8 +55,9 @@ class Allocation:
 class BudgetInfeasible(GraphoptError):
     """No combination of options meets the budget; `best_cost` is the cheapest reachable total."""
 
-    def __init__(self, budget: float, best_cost: float):
-        super().__init__(f"no assignment meets the budget {budget:.6g}; the cheapest reachable is {best_cost:.6g}")
+    def __init__(self, budget: float, best_cost: float, message: str | None = None):
+        super().__init__(message or f"no assignment meets the budget {budget:.6g}; "
+                                    f"the cheapest reachable is {best_cost:.6g}")
         self.budget = budget
         self.best_cost = best_cost
 

@@ -16,6 +16,7 @@ from rich.console import Console
 
 from . import __version__
 from .calibration import parse_shapes, prepare_inputs
+from .allocate import BudgetInfeasible
 from .errors import GraphoptError, InputError, UsageError, VerificationError
 from .model import Model
 from .numerics import Tolerance, compare_outputs
@@ -151,6 +152,9 @@ def main(argv: list[str] | None = None) -> int:
                 "bench": cmd_bench, "export": cmd_export}[args.command](args)
     except VerificationError as exc:
         _error_line(f"graphopt: verification failed: {exc}")
+        return 1
+    except BudgetInfeasible as exc:
+        _error_line(f"graphopt: budget out of reach: {exc}")
         return 1
     except GraphoptError as exc:
         _error_line(f"graphopt: error: {exc}")

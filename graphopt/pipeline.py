@@ -70,7 +70,7 @@ class Pipeline:
         record = PassRecord(name=p.name, spec=str(p))
         try:
             result: PassResult = p.run(model, ctx)
-        except UsageError:
+        except GraphoptError:  # deliberate: bad parameters, bad input, a budget out of reach
             raise
         except Exception as exc:  # a pass bug must not cost the user the other passes' work
             record.status, record.reason = "rolled back", f"pass raised {type(exc).__name__}: {exc}"

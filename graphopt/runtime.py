@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import statistics
 import tempfile
@@ -89,6 +90,21 @@ def run(session: ort.InferenceSession, feeds: list[Feed]) -> list[dict[str, np.n
 def _first_line(exc: Exception) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+def kernels(model, settings: RuntimeSettings | None = None) -> dict[str, str]:
+    """Node name -> the op onnxruntime actually runs for it after its graph optimizations (e.g. a Conv fused
+    into QLinearConv keeps its name). Read from the optimized model ORT writes out, at the 'extended' level so
+    that layout rewrites specific to this CPU do not rename everything."""
+    settings = dataclasses.replace(settings or RuntimeSettings(), graph_optimization="extended")
+    opts = session_options(settings)
+    with tempfile.TemporaryDirectory() as tmp:
+        opts.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
+        ort.InferenceSession(model.to_bytes(), opts, providers=list(settings.providers))
+        import onnx
+
+        optimized = onnx.load(opts.optimized_model_filepath, load_external_data=False)
+    return {n.name: n.op_type for n in optimized.graph.node}
 
 
 @dataclass(frozen=True)

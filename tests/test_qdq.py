@@ -1,0 +1,150 @@
+"""QDQ placement that onnxruntime fuses, float sites that stay float, the bias guard, and the qdq pass."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from builders import fvi, init, make
+from onnx import helper
+
+import graphopt
+from graphopt.allocate import BudgetInfeasible
+from graphopt.capture import collect_stats
+from graphopt.model import Model
+from graphopt.passes import Context, create
+from graphopt.qdq_rewrite import find_sites, make_plan, needed_statistics, rewrite
+from graphopt.runtime import kernels, make_session, run
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+RNG = np.random.default_rng(3)
+
+
+def residual_cnn(bias_scale: float = 0.1) -> Model:
+    """conv1-relu -> conv2 -> add(relu1) -> relu -> gap -> flatten -> gemm; random weights (structure only)."""
+    w = lambda *s: (RNG.standard_normal(s) * 0.3).astype(np.float32)  # noqa: E731
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+             helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
+             helper.make_node("Add", ["c2", "r1"], ["s"], name="add"),
+             helper.make_node("Relu", ["s"], ["r2"], name="relu2"),
+             helper.make_node("GlobalAveragePool", ["r2"], ["p"], name="gap"),
+             helper.make_node("Flatten", ["p"], ["f"], name="flatten"),
+             helper.make_node("Gemm", ["f", "w3", "b3"], ["y"], name="fc", transB=1)]
+    inits = [init("w1", w(8, 3, 3, 3)), init("b1", (RNG.standard_normal(8) * bias_scale).astype(np.float32)),
+             init("w2", w(8, 8, 3, 3)), init("b2", w(8)), init("w3", w(10, 8)), init("b3", w(10))]
+    return Model(make(nodes, [fvi("x", [1, 3, 8, 8])], [fvi("y", [1, 10])], inits))
+
+
+def feeds(n=24):
+    return [{"x": RNG.standard_normal((1, 3, 8, 8)).astype(np.float32)} for _ in range(n)]
+
+
+def quantize(model: Model, int8: set[str], samples):
+    sites = find_sites(model)
+    stats = collect_stats(model, needed_statistics(model, sites), samples)
+    ranges = {k: (c.lo, c.hi) for k, st in stats.items() for c in [st.best_range(qmin=0, qmax=255,
+                                                                                 symmetric=False)]}
+    plan = make_plan(model, sites, int8, ranges)
+    return rewrite(model, sites, plan), plan
+
+
+def cosine(a, b):
+    a, b = np.concatenate([x["y"].ravel() for x in a]), np.concatenate([x["y"].ravel() for x in b])
+    return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+
+
+def test_all_int8_placement_is_fused_by_onnxruntime():
+    model, samples = residual_cnn(), feeds()
+    q, _ = quantize(model, {"conv1", "conv2", "fc"}, samples)
+    onnx.checker.check_model(q.proto)
+    ran = kernels(q)
+    assert ran["conv1"] == "QLinearConv" and ran["conv2"] == "QLinearConv" and ran["fc"] == "QGemm"
+    assert "QLinearAdd" in ran.values() and "relu1" not in ran, "the Relu is absorbed into the uint8 range"
+    assert cosine(run(make_session(model), samples), run(make_session(q), samples)) > 0.99
+
+
+def test_a_site_left_in_float_really_runs_in_float():
+    model, samples = residual_cnn(), feeds()
+    q, _ = quantize(model, {"conv1", "fc"}, samples)
+    ran = kernels(q)
+    assert ran["conv1"] == "QLinearConv" and ran["fc"] == "QGemm"
+    assert ran["conv2"] in ("Conv", "FusedConv"), "onnxruntime must not quantize the float site's weights itself"
+    w2 = [t for t in q.graph.initializer if t.name == "w2"]
+    assert w2 and w2[0].data_type == onnx.TensorProto.FLOAT
+
+
+def test_a_tensor_read_by_several_int8_sites_has_one_scale():
+    model, samples = residual_cnn(), feeds()
+    q, plan = quantize(model, {"conv1", "conv2", "fc"}, samples)
+    quantizers_of_r1 = [n for n in q.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == "r1"]
+    assert len(quantizers_of_r1) == 1, "conv2 and the residual Add share r1's scale and zero-point"
+    assert plan.tensors["r1"].zero_point == 0, "r1 is a Relu output: its range starts at 0"
+
+
+def test_bias_that_would_overflow_int32_raises_the_weight_scale():
+    model, samples = residual_cnn(bias_scale=1e8), feeds()
+    q, plan = quantize(model, {"conv1", "conv2", "fc"}, samples)
+    assert plan.bias_adjusted.get("conv1", 0) > 0
+    bias = [t for t in q.graph.initializer if t.name.startswith("b1") and t.data_type == onnx.TensorProto.INT32]
+    assert bias and np.abs(onnx.numpy_helper.to_array(bias[0])).max() < 2**31 - 1
+    assert cosine(run(make_session(model), samples), run(make_session(q), samples)) > 0.99
+
+
+def _fashion():
+    model, _ = graphopt.optimize(graphopt.load(EXAMPLES / "fashion_cnn.onnx"), calibration=EXAMPLES /
+                                 "fashion_test.npz", measure_latency=False)
+    return model
+
+
+def test_qdq_pass_on_the_bundled_model_with_real_images():
+    model = _fashion()
+    optimized, report = graphopt.optimize(model, passes=["qdq"], calibration=EXAMPLES / "fashion_test.npz")
+    record = report.passes[0]
+    assert record.status == "applied", record.reason
+    assert record.counters["fused"] == record.counters["int8"] > 0
+    assert any("ORT runs QLinearConv" in d.reason for d in record.decisions)
+    images = np.load(EXAMPLES / "fashion_test.npz")["image"]
+    labels = np.load(EXAMPLES / "fashion_test_labels.npy")
+    ref = make_session(model).run(None, {"image": images})[0].argmax(1)
+    new = make_session(optimized).run(None, {"image": images})[0].argmax(1)
+    assert (ref == new).mean() >= 0.98
+    assert (new == labels).mean() >= (ref == labels).mean() - 0.01
+
+
+def test_overrides_and_bad_budgets(tmp_path):
+    model = _fashion()
+    from graphopt.calibration import prepare_inputs
+
+    ctx = Context(inputs=prepare_inputs(model, EXAMPLES / "fashion_test.npz"))
+    site = find_sites(model)[0].node
+    overrides = tmp_path / "o.json"
+    overrides.write_text(json.dumps({site: "fp32"}))
+    result = create("qdq", {"overrides": str(overrides), "calibration_samples": "16"}).run(model, ctx)
+    assert {d.site: d.action for d in result.decisions}[site] == "fp32"
+    with pytest.raises(BudgetInfeasible, match="fastest assignment"):
+        create("qdq", {"target_speedup": "1000", "calibration_samples": "16"}).run(model, ctx)
+    overrides.write_text(json.dumps({"nope": "int4"}))
+    with pytest.raises(graphopt.UsageError, match="unknown sites"):
+        create("qdq", {"overrides": str(overrides)}).run(model, ctx)
+    with pytest.raises(graphopt.UsageError, match="positive"):
+        create("qdq", {"target_speedup": "-1"})
+
+
+def test_cli_budget_out_of_reach_exits_1_and_writes_nothing(tmp_path):
+    exe = shutil.which("graphopt")
+    cmd = [exe] if exe else [sys.executable, "-m", "graphopt.cli"]
+    out = tmp_path / "q.onnx"
+    proc = subprocess.run(cmd + ["optimize", str(EXAMPLES / "fashion_cnn.onnx"), "-o", str(out), "-q",
+                                 "--pass", "qdq:calibration_samples=16", "--calib",
+                                 str(EXAMPLES / "fashion_test.npz"), "--target-speedup", "1000", "--no-latency"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr
+    assert "budget out of reach" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert not out.exists()
