@@ -76,12 +76,12 @@ class QDQ(Pass):
                        for s in usable}
         ctx.progress("qdq: latency of each site kept in float, against the all-int8 model")
         all_int8 = {s.node for s in usable}
-        sessions = [make_session(m, ctx.runtime) for m in
-                    [model, build(all_int8)] + [build(all_int8 - {s.node}) for s in usable]]
-        lat = measure_latencies(sessions, probe[0], warmup=3, repeats=20, min_seconds=0.2, max_seconds=2.0)
-        del sessions
-        fp32_ms, int8_ms = lat[0].median_ms, lat[1].median_ms
-        keep_cost = {s.node: max(0.0, l.median_ms - int8_ms) for s, l in zip(usable, lat[2:])}
+        ends = [make_session(m, ctx.runtime) for m in (model, build(all_int8))]
+        fp32_ms, int8_ms = (l.median_ms for l in measure_latencies(ends, probe[0], min_seconds=0.5))
+        sessions = [ends[1]] + [make_session(build(all_int8 - {s.node}), ctx.runtime) for s in usable]
+        lat = measure_latencies(sessions, probe[0], warmup=5, repeats=30, min_seconds=0.2, max_seconds=2.0)
+        del sessions, ends
+        keep_cost = {s.node: max(0.0, l.median_ms - lat[0].median_ms) for s, l in zip(usable, lat[1:])}
 
         target_ms = fp32_ms / self.target_speedup if self.target_speedup else int8_ms * (1 + self.latency_slack)
         options = [AllocSite(s.node, (Option("int8", 0.0, sensitivity[s.node]), Option("fp32", keep_cost[s.node], 0.0)))
