@@ -76,7 +76,7 @@ class Pipeline:
             record.status, record.reason = "rolled back", f"pass raised {type(exc).__name__}: {exc}"
             record.seconds = time.perf_counter() - t0
             return record, model
-        record.counters, record.decisions = result.counters, result.decisions
+        record.counters, record.decisions, record.details = result.counters, result.decisions, result.details
         if not result.changed:
             record.status = "unchanged"
             record.seconds = time.perf_counter() - t0

@@ -39,11 +39,12 @@ class PassRecord:
     seconds: float = 0.0
     counters: dict = field(default_factory=dict)
     decisions: list[Decision] = field(default_factory=list)
+    details: dict = field(default_factory=dict)
     metrics: list[OutputMetrics] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return {"name": self.name, "spec": self.spec, "status": self.status, "reason": self.reason,
-                "seconds": round(self.seconds, 4), "counters": self.counters,
+                "seconds": round(self.seconds, 4), "counters": self.counters, "details": self.details,
                 "decisions": [d.to_dict() for d in self.decisions],
                 "metrics": [m.to_dict() for m in self.metrics]}
 

@@ -148,3 +148,16 @@ def test_cli_budget_out_of_reach_exits_1_and_writes_nothing(tmp_path):
     assert proc.returncode == 1, proc.stderr
     assert "budget out of reach" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert not out.exists()
+
+
+def test_accuracy_target_mode_meets_its_target_on_held_out_images():
+    model = _fashion()
+    optimized, report = graphopt.optimize(model, passes=["qdq:min_agreement=0.99,calibration_samples=32"],
+                                          calibration=EXAMPLES / "fashion_test.npz")
+    record = report.passes[0]
+    assert record.status == "applied", record.reason
+    frontier = record.details["frontier"]
+    assert frontier and any(f["meets_target"] for f in frontier)
+    assert report.metrics[0].top1_agreement >= 0.99, "the pipeline's own validation check agrees"
+    with pytest.raises(graphopt.UsageError, match="not both"):
+        create("qdq", {"min_agreement": "0.9", "target_speedup": "2"})

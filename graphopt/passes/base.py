@@ -30,6 +30,7 @@ class PassResult:
     changed: bool
     counters: dict[str, float] = field(default_factory=dict)
     decisions: list[Decision] = field(default_factory=list)
+    details: dict = field(default_factory=dict)  # anything else for the JSON report (tables, frontiers)
 
 
 @dataclass

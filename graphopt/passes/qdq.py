@@ -41,6 +41,9 @@ class QDQ(Pass):
     calibration_samples: int = 64
     sensitivity_samples: int = 16
     overrides: str | None = None  # JSON {site: "fp32" | "int8"} applied after the allocation
+    # Accuracy-target mode: the fastest assignment whose measured metric on the validation inputs meets these.
+    min_agreement: float | None = None  # top-1 agreement with the original (class-score outputs)
+    max_error: float | None = None  # relative L2 error of every output
 
     def __post_init__(self):
         if self.target_speedup is not None and not self.target_speedup > 0:
@@ -49,6 +52,12 @@ class QDQ(Pass):
             raise ValueError(f"latency_slack must be >= 0, got {self.latency_slack}")
         if self.calibration_samples < 1 or self.sensitivity_samples < 1:
             raise ValueError("calibration_samples and sensitivity_samples must be at least 1")
+        if self.min_agreement is not None and not 0 < self.min_agreement <= 1:
+            raise ValueError(f"min_agreement must be in (0, 1], got {self.min_agreement}")
+        if self.max_error is not None and not self.max_error > 0:
+            raise ValueError(f"max_error must be positive, got {self.max_error}")
+        if self.target_speedup is not None and (self.min_agreement is not None or self.max_error is not None):
+            raise ValueError("give a latency budget (target_speedup) or an accuracy target, not both")
 
     def run(self, model: Model, ctx: Context) -> PassResult:
         if model.opset < MIN_OPSET:
@@ -83,16 +92,21 @@ class QDQ(Pass):
         del sessions, ends
         keep_cost = {s.node: max(0.0, l.median_ms - lat[0].median_ms) for s, l in zip(usable, lat[1:])}
 
-        target_ms = fp32_ms / self.target_speedup if self.target_speedup else int8_ms * (1 + self.latency_slack)
         options = [AllocSite(s.node, (Option("int8", 0.0, sensitivity[s.node]), Option("fp32", keep_cost[s.node], 0.0)))
                    for s in usable]
-        try:
-            allocation = allocate(options, target_ms - int8_ms)
-        except BudgetInfeasible as exc:
-            raise BudgetInfeasible(exc.budget, exc.best_cost, (
-                f"target speed-up {self.target_speedup}x needs {target_ms:.3f} ms; the fastest assignment "
-                f"(all int8) measured {int8_ms:.3f} ms against fp32 {fp32_ms:.3f} ms, "
-                f"{fp32_ms / int8_ms:.2f}x")) from None
+        frontier: list[dict] = []
+        if self.min_agreement is not None or self.max_error is not None:
+            allocation = self._search(options, build, overrides, ctx, frontier)
+            target_ms = int8_ms + allocation.budget
+        else:
+            target_ms = fp32_ms / self.target_speedup if self.target_speedup else int8_ms * (1 + self.latency_slack)
+            try:
+                allocation = allocate(options, target_ms - int8_ms)
+            except BudgetInfeasible as exc:
+                raise BudgetInfeasible(exc.budget, exc.best_cost, (
+                    f"target speed-up {self.target_speedup}x needs {target_ms:.3f} ms; the fastest assignment "
+                    f"(all int8) measured {int8_ms:.3f} ms against fp32 {fp32_ms:.3f} ms, "
+                    f"{fp32_ms / int8_ms:.2f}x")) from None
         chosen = {name: o.label for name, o in allocation.choice.items()}
         chosen.update(overrides)
         int8 = {name for name, label in chosen.items() if label == "int8"}
@@ -107,7 +121,47 @@ class QDQ(Pass):
                     "fused": sum(1 for n in int8 if ran.get(n) in INTEGER_KERNELS),
                     "predicted_distortion": round(predicted, 6), "measured_distortion": round(measured, 6),
                     "fp32_ms": round(fp32_ms, 3), "all_int8_ms": round(int8_ms, 3), "target_ms": round(target_ms, 3)}
-        return PassResult(result, bool(int8), counters, decisions)
+        details = {"frontier": frontier} if frontier else {}
+        return PassResult(result, bool(int8), counters, decisions, details)
+
+    def _search(self, options: list[AllocSite], build, overrides, ctx: Context, frontier: list[dict]):
+        """Bisect the latency budget for the cheapest allocation whose measured metric meets the target."""
+        from ..numerics import compare_outputs
+
+        validation = ctx.inputs.validation
+        reference = run(make_session(build(set()), ctx.runtime), validation)
+
+        def meets(allocation) -> bool:
+            int8 = {n for n, o in allocation.choice.items() if o.label == "int8"}
+            int8 = {n for n in int8 if overrides.get(n, "int8") == "int8"} | \
+                {n for n, v in overrides.items() if v == "int8"}
+            metrics = compare_outputs(reference, run(make_session(build(int8), ctx.runtime), validation))
+            agreement = min((m.top1_agreement for m in metrics if m.top1_agreement is not None), default=None)
+            error = max(m.rel_l2 for m in metrics)
+            ok = (self.max_error is None or error <= self.max_error) and \
+                 (self.min_agreement is None or agreement is None or agreement >= self.min_agreement)
+            frontier.append({"budget_ms": round(allocation.budget, 4), "float_sites": len(allocation.choice) - len(int8),
+                             "predicted_distortion": allocation.distortion, "rel_l2": error,
+                             "top1_agreement": agreement, "meets_target": ok})
+            ctx.progress(f"qdq: budget +{allocation.budget:.3f} ms -> rel L2 {error:.4f}"
+                         + (f", agreement {agreement:.2%}" if agreement is not None else ""))
+            return ok
+
+        lo, hi = 0.0, sum(o.options[1].cost for o in options)
+        best = allocate(options, hi)
+        if not meets(best):
+            raise BudgetInfeasible(hi, hi, "the accuracy target is not met even with every site in float")
+        cheapest = allocate(options, lo)
+        if meets(cheapest):
+            return cheapest
+        for _ in range(6):
+            mid = (lo + hi) / 2
+            candidate = allocate(options, mid)
+            if meets(candidate):
+                hi, best = mid, candidate
+            else:
+                lo = mid
+        return best
 
     def _calibrate(self, model: Model, sites: list[Site], calib, ctx: Context):
         from ..capture import collect_stats
