@@ -1,0 +1,42 @@
+"""graphopt's own passes as benchmark contenders (registered when bench.contenders is imported)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import graphopt
+from graphopt.calibration import InputSet
+from graphopt.passes import Context, create
+
+from .contenders import Feed, Optimized, contender
+
+
+def _qdq(params: dict) -> callable:
+    def build(fp32_path: Path, feeds: list[Feed], workdir: Path) -> Optimized:
+        t0 = time.perf_counter()
+        model = graphopt.load(fp32_path)
+        ctx = Context(inputs=InputSet(calibration=list(feeds), validation=list(feeds[:8])))
+        for name in graphopt.DEFAULT_RECIPE:  # exact cleanup first (BatchNorm folding)
+            model = create(name).run(model, ctx).model
+        result = create("qdq", params).run(model, ctx)
+        out = Path(workdir) / "model.onnx"
+        result.model.save(out, overwrite=True)
+        c = result.counters
+        note = (f"{c['int8']}/{c['sites']} sites int8 ({c['fused']} fused), float kept: {c['fp32']}; "
+                f"predicted distortion {c['predicted_distortion']}, measured {c['measured_distortion']}")
+        return Optimized(out, time.perf_counter() - t0, note)
+    return build
+
+
+contender("graphopt_qdq")(_qdq({}))
+contender("graphopt_qdq_slack25")(_qdq({"latency_slack": 0.25}))
+contender("graphopt_qdq_slack50")(_qdq({"latency_slack": 0.5}))
+for _name, _doc in (("graphopt_qdq", "graphopt qdq at its defaults (at most 10 % slower than all-int8)"),
+                    ("graphopt_qdq_slack25", "graphopt qdq, budget: at most 25 % slower than all-int8"),
+                    ("graphopt_qdq_slack50", "graphopt qdq, budget: at most 50 % slower than all-int8")):
+    from .contenders import CONTENDERS
+
+    CONTENDERS[_name].__doc__ = _doc
+
+QDQ_CONTENDERS = ("graphopt_qdq", "graphopt_qdq_slack25", "graphopt_qdq_slack50")

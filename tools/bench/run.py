@@ -1,0 +1,115 @@
+#!/usr/bin/env python
+"""Benchmark contenders (fp32, onnxruntime static quantization, later graphopt's passes) on the reference models.
+
+    python tools/bench/run.py --model mobilenet_v2 [--contenders fp32,ort_minmax,ort_percentile,ort_entropy]
+                              [--threads 2] [--out tools/bench/results/mobilenet_v2.md] [--limit N]
+    python tools/bench/run.py --all        # fashion_resnet, mobilenet_v2, minilm -> tools/bench/RESULTS.md
+
+Every contender runs in this one process on the same calibration and evaluation inputs; latencies of all of them
+are measured interleaved. The table is printed and written atomically to --out. See tools/bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+_HERE = Path(__file__).resolve().parent
+_REPO = _HERE.parents[1]
+for _p in (str(_REPO), str(_REPO / "tools")):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+
+from bench import contenders as C  # noqa: E402
+from bench.harness import CACHE, LatencyConfig, log, run_task, write_atomic  # noqa: E402
+from bench.tasks import REQUIRED, TASKS  # noqa: E402
+
+RESULTS_DIR = _HERE / "results"
+COMBINED = _HERE / "RESULTS.md"
+
+
+def _command(argv: list[str]) -> str:
+    script = Path(sys.argv[0]).resolve() if sys.argv and sys.argv[0].endswith("run.py") else _HERE / "run.py"
+    try:
+        script_s = str(script.relative_to(_REPO))
+    except ValueError:
+        script_s = str(script)
+    return "python " + shlex.join([script_s, *argv])
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="tools/bench/run.py", description=__doc__.split("\n\n")[0])
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--model", choices=sorted(TASKS))
+    what.add_argument("--all", action="store_true", help=f"run {', '.join(REQUIRED)} and write {COMBINED.name}")
+    p.add_argument("--contenders", default=",".join(C.DEFAULT_CONTENDERS),
+                   help=f"comma-separated; known: {', '.join(sorted(C.CONTENDERS))} (fp32 is always included)")
+    p.add_argument("--threads", type=int, default=2, help="ORT intra-op threads for every session (default 2)")
+    p.add_argument("--out", type=Path, help="markdown file (default tools/bench/results/MODEL.md; with --all, "
+                                            "the combined file, default tools/bench/RESULTS.md)")
+    p.add_argument("--limit", type=int, help="evaluate on the first N evaluation samples only (quick runs, tests)")
+    p.add_argument("--rebuild", action="store_true", help="re-export the fp32 models even if cached")
+    p.add_argument("--cache", type=Path, default=CACHE, help="export/work folder (default build/bench)")
+    p.add_argument("--latency-seconds", type=float, default=3.0,
+                   help="minimum timed seconds per model in the latency measurement (default 3)")
+    p.add_argument("--latency-warmup", type=int, default=20)
+    args = p.parse_args(argv)
+    args.contenders = [c.strip() for c in args.contenders.split(",") if c.strip()]
+    unknown = [c for c in args.contenders if c not in C.CONTENDERS]
+    if unknown:
+        p.error(f"unknown contender(s) {', '.join(unknown)}; known: {', '.join(sorted(C.CONTENDERS))}")
+    if args.threads < 1:
+        p.error("--threads must be at least 1")
+    if args.limit is not None and args.limit < 1:
+        p.error("--limit must be at least 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse(argv)
+    command = _command(argv)
+    latency = LatencyConfig(warmup=args.latency_warmup, min_seconds=args.latency_seconds,
+                            max_seconds=max(30.0, 10 * args.latency_seconds))
+    kw = dict(threads=args.threads, limit=args.limit, rebuild=args.rebuild, latency=latency, cache=args.cache,
+              command=command)
+    if args.model:
+        result = run_task(args.model, args.contenders, **kw)
+        text = result.markdown(level=1)
+        out = args.out or RESULTS_DIR / f"{args.model}.md"
+        write_atomic(out, text)
+        print(text)
+        log(f"wrote {out}")
+        return 0
+
+    sections = []
+    for name in REQUIRED:
+        try:
+            result = run_task(name, args.contenders, **kw)
+        except Exception as exc:  # a model that could not be built: say so and benchmark the others
+            log(f"{name}: not benchmarked: {type(exc).__name__}: {exc}")
+            sections.append(f"## {name}\n\n**Not benchmarked**: {type(exc).__name__}: {exc}\n")
+            continue
+        write_atomic(RESULTS_DIR / f"{name}.md", result.markdown(level=1))
+        sections.append(result.markdown(level=2))
+    text = "\n".join([
+        "# graphopt benchmark: reference models",
+        "",
+        f"Produced by `{command}`; one section per model, each also in `tools/bench/results/MODEL.md`. Speed-up is "
+        "fp32 median latency / contender median latency, measured in the same process, interleaved. Size is the "
+        "ONNX file on disk; params is the sum of initializer element counts; opt. time is what building the "
+        "contender took (ORT: quant_pre_process + calibration + quantization).",
+        "",
+        *sections,
+    ])
+    out = args.out or COMBINED
+    write_atomic(out, text)
+    print(text)
+    log(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
