@@ -17,6 +17,8 @@ Adding one is a few lines:
 
 from __future__ import annotations
 
+import contextlib
+
 import time
 from pathlib import Path
 from typing import Callable, NamedTuple
@@ -106,10 +108,19 @@ def ort_quantize_static(fp32_path: Path, feeds: list[Feed], workdir: Path, metho
     `calibrator_options` (e.g. {"num_bins": 2048}) are passed to ORT's calibrator, which quantize_static's
     extra_options cannot reach: the ranges are then computed with ORT's own `create_calibrator` and handed to
     quantize_static through its calibration cache file, so the quantization itself is unchanged."""
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quant_pre_process, quantize_static
+    from onnxruntime.quantization import CalibrationMethod
 
     calibrate_method = getattr(CalibrationMethod, method)
     t0 = time.perf_counter()
+    fp32_path, workdir = Path(fp32_path).resolve(), Path(workdir).resolve()
+    with contextlib.chdir(workdir):  # ORT's quantizer leaves temporary models and .data files in the cwd
+        return _quantize_static(fp32_path, feeds, workdir, calibrate_method, calibrator_options, t0)
+
+
+def _quantize_static(fp32_path: Path, feeds, workdir: Path, calibrate_method, calibrator_options,
+                     t0: float) -> Optimized:
+    from onnxruntime.quantization import QuantFormat, QuantType, quant_pre_process, quantize_static
+
     source, note = _pre_process(Path(fp32_path), workdir / "preprocessed.onnx", quant_pre_process)
     cache = None
     if calibrator_options:
