@@ -65,9 +65,3 @@ def quantize_bias(bias: np.ndarray, input_scale: float, weight: QParams) -> tupl
     if np.abs(q).max(initial=0) > INT32_MAX:
         raise ValueError("bias overflows int32: guard_bias_overflow was not applied")
     return q.astype(np.int32), scale
-
-
-def fake_quant_activation(x: np.ndarray, q: QParams) -> np.ndarray:
-    """What Q followed by DQ does to an activation (for local error estimates)."""
-    s, z = float(q.scale), float(q.zero_point)
-    return ((np.clip(np.round(x / s) + z, 0, 255) - z) * s).astype(x.dtype)
