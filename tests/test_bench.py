@@ -210,3 +210,16 @@ def test_compare_tables():
     assert differences == [] and any("+10.0%" in t for t in timings)
     differences, _ = compare.compare(a, a.replace("89.00%", "88.00%"))
     assert differences == ["m / q / acc: 89.00% vs 88.00%"]
+
+
+def test_wait_for_quiet_and_other_load():
+    from bench.harness import OtherLoad, wait_for_quiet
+
+    with OtherLoad() as other:
+        sum(range(200_000))
+    assert other.fraction is None or 0.0 <= other.fraction <= 1.5
+
+    waited, ok = wait_for_quiet(1e9, timeout=1.0)
+    assert ok and waited < 1.0
+    waited, ok = wait_for_quiet(-1.0, timeout=0.0, poll=0.01)  # a load average is never below -1
+    assert not ok

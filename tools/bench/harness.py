@@ -31,6 +31,50 @@ class LatencyConfig:
     repeats: int = 100
     min_seconds: float = 3.0
     max_seconds: float = 30.0
+    quiet_load: float | None = None  # wait until the 1-minute load average is below this before timing
+    quiet_timeout: float = 1800.0  # ... for at most this many seconds
+
+
+def _cpu_busy_seconds() -> float | None:
+    """CPU seconds all processes have spent busy since boot (all cores), from /proc/stat; None if unreadable."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+    except OSError:
+        return None
+    if not fields or fields[0] != "cpu":
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[1:9])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+class OtherLoad:
+    """How much of the machine's CPU other processes used over a stretch of time: busy CPU time of the whole
+    machine (/proc/stat) minus this process's own, divided by wall time x cores."""
+
+    def __enter__(self):
+        self._busy, self._own, self._wall = _cpu_busy_seconds(), time.process_time(), time.monotonic()
+        return self
+
+    def __exit__(self, *exc):
+        busy, own, wall = _cpu_busy_seconds(), time.process_time(), time.monotonic()
+        if busy is None or self._busy is None or wall <= self._wall:
+            self.fraction = None
+        else:
+            other = (busy - self._busy) - (own - self._own)
+            self.fraction = max(0.0, other) / ((wall - self._wall) * (os.cpu_count() or 1))
+        return False
+
+
+def wait_for_quiet(threshold: float, timeout: float, poll: float = 5.0) -> tuple[float, bool]:
+    """Sleep until the 1-minute load average is below `threshold` (this process's own earlier work counts too, so
+    it also lets that decay). Returns (seconds waited, whether the machine became quiet)."""
+    t0 = time.monotonic()
+    while os.getloadavg()[0] >= threshold:
+        if time.monotonic() - t0 >= timeout:
+            return time.monotonic() - t0, False
+        time.sleep(poll)
+    return time.monotonic() - t0, True
 
 
 @dataclass
@@ -170,12 +214,24 @@ def run_task(name: str, contender_names: list[str], *, threads: int = 2, limit: 
             row.scores = ev.score(reference, outputs[row.name])
 
     live = [r for r in rows if r.name in sessions]
+    quiet = ""
+    if latency.quiet_load is not None:
+        log(f"{name}: waiting for the 1-minute load average to fall below {latency.quiet_load:g} "
+            f"(now {os.getloadavg()[0]:.2f})")
+        waited, ok = wait_for_quiet(latency.quiet_load, latency.quiet_timeout)
+        quiet = (f"; timing started after waiting {waited:.0f} s for the 1-minute load average to fall below "
+                 f"{latency.quiet_load:g}" if ok else
+                 f"; the 1-minute load average did not fall below {latency.quiet_load:g} within {waited:.0f} s: "
+                 "timed on a busy machine")
     load_before = os.getloadavg()
     log(f"{name}: measuring latency of {len(live)} models interleaved (load average {load_before[0]:.2f})")
-    lats = measure_latencies([sessions[r.name] for r in live], ev.latency_feed, warmup=latency.warmup,
-                             repeats=latency.repeats, min_seconds=latency.min_seconds,
-                             max_seconds=latency.max_seconds, threads=threads)
+    with OtherLoad() as other:
+        lats = measure_latencies([sessions[r.name] for r in live], ev.latency_feed, warmup=latency.warmup,
+                                 repeats=latency.repeats, min_seconds=latency.min_seconds,
+                                 max_seconds=latency.max_seconds, threads=threads)
     load_after = os.getloadavg()
+    if other.fraction is not None:
+        quiet += f"; other processes used {other.fraction:.0%} of the CPU while timing"
     for r, lat in zip(live, lats):
         r.latency = lat
 
@@ -194,7 +250,7 @@ def run_task(name: str, contender_names: list[str], *, threads: int = 2, limit: 
         "machine": f"{m['cpu']}, {m['cores']} cores; onnxruntime {m['onnxruntime']}; Python {m['python']}; "
                    f"graphopt {m['graphopt']}",
         "load average": (f"{load_before[0]:.2f} / {load_before[1]:.2f} / {load_before[2]:.2f} (1/5/15 min) before "
-                         f"timing, {load_after[0]:.2f} after"),
+                         f"timing, {load_after[0]:.2f} after{quiet}"),
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "command": f"`{command}`" if command else "",
     }

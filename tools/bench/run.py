@@ -55,6 +55,11 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--latency-seconds", type=float, default=3.0,
                    help="minimum timed seconds per model in the latency measurement (default 3)")
     p.add_argument("--latency-warmup", type=int, default=20)
+    p.add_argument("--quiet-load", type=float, metavar="LOAD",
+                   help="before each latency measurement, wait until the 1-minute load average is below LOAD "
+                        "(the CPU is shared; e.g. 1.0 for figures you commit)")
+    p.add_argument("--quiet-timeout", type=float, default=1800.0, metavar="S",
+                   help="wait at most S seconds for --quiet-load, then time anyway and say so (default 1800)")
     args = p.parse_args(argv)
     args.contenders = [c.strip() for c in args.contenders.split(",") if c.strip()]
     unknown = [c for c in args.contenders if c not in C.CONTENDERS]
@@ -72,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     command = _command(argv)
     latency = LatencyConfig(warmup=args.latency_warmup, min_seconds=args.latency_seconds,
-                            max_seconds=max(30.0, 10 * args.latency_seconds))
+                            max_seconds=max(30.0, 10 * args.latency_seconds), quiet_load=args.quiet_load,
+                            quiet_timeout=args.quiet_timeout)
     kw = dict(threads=args.threads, limit=args.limit, rebuild=args.rebuild, latency=latency, cache=args.cache,
               command=command)
     if args.model:
