@@ -94,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--recipe", metavar="FILE.toml", help="passes and verification bounds from a TOML file")
     opt.add_argument("--target-speedup", type=float, metavar="X",
                      help="latency budget for the passes that take one (qdq): X times faster than the input")
+    opt.add_argument("--max-size-mb", type=float, metavar="MB",
+                     help="size budget for the passes that take one (qdq): the output at most MB megabytes")
     inputs_args(opt)
     tolerance_args(opt)
     opt.add_argument("--report", metavar="FILE.json", help="write the full report as JSON")
@@ -234,6 +236,8 @@ def cmd_optimize(args) -> int:
         passes = [create(*parse_pass_spec(s)) for s in (args.passes or DEFAULT_RECIPE)]
     if args.target_speedup is not None:
         passes = [_with_default(p, "target_speedup", args.target_speedup) for p in passes]
+    if args.max_size_mb is not None:
+        passes = [_with_default(p, "max_size_mb", args.max_size_mb) for p in passes]
     tolerance = _tolerance(args, recipe_tolerance)
     runtime = _runtime(args)
     say(f"loading {args.model}")

@@ -38,6 +38,7 @@ class QDQ(Pass):
 
     target_speedup: float | None = None  # latency budget: fp32 latency / target_speedup
     latency_slack: float = 0.10  # default budget: at most this much slower than the all-int8 model
+    max_size_mb: float | None = None  # size budget: the model's serialized size, in MB (10^6 bytes)
     calibration_samples: int = 64
     sensitivity_samples: int = 16
     overrides: str | None = None  # JSON {site: "fp32" | "int8"} applied after the allocation
@@ -56,8 +57,13 @@ class QDQ(Pass):
             raise ValueError(f"min_agreement must be in (0, 1], got {self.min_agreement}")
         if self.max_error is not None and not self.max_error > 0:
             raise ValueError(f"max_error must be positive, got {self.max_error}")
-        if self.target_speedup is not None and (self.min_agreement is not None or self.max_error is not None):
-            raise ValueError("give a latency budget (target_speedup) or an accuracy target, not both")
+        if self.max_size_mb is not None and not self.max_size_mb > 0:
+            raise ValueError(f"max_size_mb must be positive, got {self.max_size_mb}")
+        budgets = [self.target_speedup is not None, self.max_size_mb is not None,
+                   self.min_agreement is not None or self.max_error is not None]
+        if sum(budgets) > 1:
+            raise ValueError("give one budget: a latency budget (target_speedup), a size budget (max_size_mb) "
+                             "or an accuracy target (min_agreement / max_error)")
 
     def run(self, model: Model, ctx: Context) -> PassResult:
         if model.opset < MIN_OPSET:
@@ -83,31 +89,14 @@ class QDQ(Pass):
         ctx.progress(f"qdq: sensitivity of {len(usable)} sites on {len(probe)} samples")
         sensitivity = {s.node: distortion(reference, run(make_session(build({s.node}), ctx.runtime), probe))
                        for s in usable}
-        ctx.progress("qdq: latency of each site kept in float, against the all-int8 model")
         all_int8 = {s.node for s in usable}
-        ends = [make_session(m, ctx.runtime) for m in (model, build(all_int8))]
-        fp32_ms, int8_ms = (l.median_ms for l in measure_latencies(ends, probe[0], min_seconds=0.5))
-        sessions = [ends[1]] + [make_session(build(all_int8 - {s.node}), ctx.runtime) for s in usable]
-        lat = measure_latencies(sessions, probe[0], warmup=5, repeats=30, min_seconds=0.2, max_seconds=2.0)
-        del sessions, ends
-        keep_cost = {s.node: max(0.0, l.median_ms - lat[0].median_ms) for s, l in zip(usable, lat[1:])}
-
-        options = [AllocSite(s.node, (Option("int8", 0.0, sensitivity[s.node]), Option("fp32", keep_cost[s.node], 0.0)))
-                   for s in usable]
         frontier: list[dict] = []
-        if self.min_agreement is not None or self.max_error is not None:
-            allocation = self._search(options, build, overrides, ctx, frontier)
-            target_ms = int8_ms + allocation.budget
+        budget_counters: dict[str, float] = {}
+        if self.max_size_mb is not None:
+            allocation, keep_cost = self._size_allocation(usable, sensitivity, build, all_int8, budget_counters)
         else:
-            target_ms = fp32_ms / self.target_speedup if self.target_speedup else int8_ms * (1 + self.latency_slack)
-            try:
-                allocation = allocate(options, target_ms - int8_ms)
-            except BudgetInfeasible as exc:
-                raise BudgetInfeasible(exc.budget, exc.best_cost, (
-                    f"target speed-up {self.target_speedup}x needs {target_ms:.3f} ms; the fastest assignment "
-                    f"(all int8) measured {int8_ms:.3f} ms against fp32 {fp32_ms:.3f} ms, "
-                    f"{fp32_ms / int8_ms:.2f}x")) from None
-            allocation = self._check_latency(allocation, options, build, target_ms, ctx, probe[0], frontier)
+            allocation, keep_cost = self._latency_allocation(usable, sensitivity, build, all_int8, model, overrides,
+                                                             ctx, probe, frontier, budget_counters)
         chosen = {name: o.label for name, o in allocation.choice.items()}
         chosen.update(overrides)
         int8 = {name for name, label in chosen.items() if label == "int8"}
@@ -121,9 +110,60 @@ class QDQ(Pass):
         counters = {"sites": len(usable), "int8": len(int8), "fp32": len(usable) - len(int8),
                     "fused": sum(1 for n in int8 if ran.get(n) in INTEGER_KERNELS),
                     "predicted_distortion": round(predicted, 6), "measured_distortion": round(measured, 6),
-                    "fp32_ms": round(fp32_ms, 3), "all_int8_ms": round(int8_ms, 3), "target_ms": round(target_ms, 3)}
+                    **budget_counters}
         details = {"frontier": frontier} if frontier else {}
         return PassResult(result, bool(int8), counters, decisions, details)
+
+    def _latency_allocation(self, usable, sensitivity, build, all_int8, model, overrides, ctx, probe, frontier,
+                            counters):
+        """Options priced in milliseconds: each site's cost of staying float, measured against the all-int8
+        model; budget from target_speedup, or the all-int8 latency plus latency_slack."""
+        ctx.progress("qdq: latency of each site kept in float, against the all-int8 model")
+        ends = [make_session(m, ctx.runtime) for m in (model, build(all_int8))]
+        fp32_ms, int8_ms = (l.median_ms for l in measure_latencies(ends, probe[0], min_seconds=0.5))
+        sessions = [ends[1]] + [make_session(build(all_int8 - {s.node}), ctx.runtime) for s in usable]
+        lat = measure_latencies(sessions, probe[0], warmup=5, repeats=30, min_seconds=0.2, max_seconds=2.0)
+        del sessions, ends
+        keep_cost = {s.node: max(0.0, l.median_ms - lat[0].median_ms) for s, l in zip(usable, lat[1:])}
+        options = _options(usable, sensitivity, keep_cost)
+        if self.min_agreement is not None or self.max_error is not None:
+            allocation = self._search(options, build, overrides, ctx, frontier)
+            target_ms = int8_ms + allocation.budget
+        else:
+            target_ms = fp32_ms / self.target_speedup if self.target_speedup else int8_ms * (1 + self.latency_slack)
+            if fp32_ms <= target_ms and not self.target_speedup:
+                ctx.progress(f"qdq: the float model ({fp32_ms:.3f} ms) is faster than all-int8 ({int8_ms:.3f} ms); "
+                             "every site stays float (give max_size_mb to quantize for size)")
+            try:
+                allocation = allocate(options, target_ms - int8_ms)
+            except BudgetInfeasible as exc:
+                raise BudgetInfeasible(exc.budget, exc.best_cost, (
+                    f"target speed-up {self.target_speedup}x needs {target_ms:.3f} ms; the fastest assignment "
+                    f"(all int8) measured {int8_ms:.3f} ms against fp32 {fp32_ms:.3f} ms, "
+                    f"{fp32_ms / int8_ms:.2f}x")) from None
+            allocation = self._check_latency(allocation, options, build, target_ms, ctx, probe[0], frontier)
+        counters.update(fp32_ms=round(fp32_ms, 3), all_int8_ms=round(int8_ms, 3), target_ms=round(target_ms, 3))
+        return allocation, {n: f"+{c:.3f} ms" for n, c in keep_cost.items()}
+
+    def _size_allocation(self, usable, sensitivity, build, all_int8, counters):
+        """Options priced in bytes: a float weight takes 4 bytes per element where int8 takes 1. The built model's
+        size is checked, and the least sensitive float sites go int8 until it fits."""
+        budget = self.max_size_mb * 1e6
+        smallest = build(all_int8).byte_size()
+        if smallest > budget:
+            raise BudgetInfeasible(budget, smallest, f"max_size_mb {self.max_size_mb:g} is below the all-int8 model's "
+                                                     f"{smallest / 1e6:.3f} MB")
+        keep_cost = {s.node: 3.0 * s.macs for s in usable}  # Site.macs holds the weight's element count
+        options = _options(usable, sensitivity, keep_cost)
+        allocation = allocate(options, budget - smallest)
+        floats = sorted((n for n, o in allocation.choice.items() if o.label == "fp32"), key=sensitivity.get)
+        while floats and build(all_int8 - set(floats)).byte_size() > budget:
+            floats.pop(0)
+        choice = {o.name: o.options[1] if o.name in floats else o.options[0] for o in options}
+        counters.update(all_int8_mb=round(smallest / 1e6, 4), max_size_mb=self.max_size_mb)
+        allocation = type(allocation)(choice, sum(o.cost for o in choice.values()),
+                                      sum(o.distortion for o in choice.values()), allocation.budget, allocation.method)
+        return allocation, {n: f"+{c / 1e6:.3f} MB" for n, c in keep_cost.items()}
 
     def _check_latency(self, allocation, options, build, target_ms: float, ctx: Context, feed, frontier):
         """Measure the chosen assignment. Float islands can cost more than the sum of their single-site costs
@@ -211,7 +251,7 @@ class QDQ(Pass):
 
     @staticmethod
     def _decision(s: Site, label, sensitivity, keep_cost, methods, plan, ran) -> Decision:
-        parts = [f"sensitivity {sensitivity[s.node]:.3g}", f"float costs +{keep_cost[s.node]:.3f} ms"]
+        parts = [f"sensitivity {sensitivity[s.node]:.3g}", f"float costs {keep_cost[s.node]}"]
         if s.activation in methods:
             parts.append(f"input range by {methods[s.activation]}")
         if label == "int8":
@@ -235,6 +275,11 @@ class QDQ(Pass):
         if bad:
             raise UsageError(f"{path}: unknown sites or precisions {bad} (precisions: {', '.join(PRECISIONS)})")
         return dict(data)
+
+
+def _options(usable: list[Site], sensitivity: dict, keep_cost: dict) -> list[AllocSite]:
+    return [AllocSite(s.node, (Option("int8", 0.0, sensitivity[s.node]), Option("fp32", keep_cost[s.node], 0.0)))
+            for s in usable]
 
 
 def distortion(reference: list[dict], candidate: list[dict]) -> float:
