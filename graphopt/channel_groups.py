@@ -494,6 +494,7 @@ def _elementwise(cg, node, reads):
             plan.slices.append((i, len(shape) + axis, out))
             continue
         cg._freeze(layout, f"{where} combines its channels with {n!r}, which has no channel group")
+        cg._set(out, axis, layout)  # the same (now frozen) channels flow on
         return
     cg._set(out, axis, layout)
     cg.plans[node.name] = plan

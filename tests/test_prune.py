@@ -149,3 +149,128 @@ def test_large_graph_analysis_is_fast():
     cg = analyse(model)
     assert cg.seconds < 10
     assert sum(g.prunable for g in cg.groups()) > 1000
+
+
+# ---------------------------------------------------------------------------------------------------- the pass
+def small_cnn() -> Model:
+    from test_prune_random_graphs import random_net
+
+    layers = [("conv_bn_relu", 16), ("residual", 16), ("concat", 12), ("depthwise", 0), ("conv", 16),
+              ("residual", 8)]
+    return Model(random_net(layers, 3, "gap"))
+
+
+def inputs(n=6, seed=0, shape=(2, 3, 6, 6)):
+    from graphopt.calibration import InputSet
+
+    rng = np.random.default_rng(seed)
+    feeds = [{"x": rng.standard_normal(shape).astype(np.float32)} for _ in range(n)]
+    return InputSet(feeds[: n // 2], feeds[n // 2:])
+
+
+def test_pass_meets_mac_budget_and_refit_helps():
+    model = small_cnn()
+    ctx = Context(inputs=inputs())
+    plain = create("prune", {"ratio": 0.4, "importance": "activation", "refit": False}).run(model, ctx)
+    fitted = create("prune", {"ratio": 0.4, "importance": "activation"}).run(model, ctx)
+    for r in (plain, fitted):
+        assert r.changed and r.counters["macs_after"] <= 0.6 * r.counters["macs_before"] * (1 + 1e-9)
+        assert r.counters["params_after"] < r.counters["params_before"]
+        onnx.checker.check_model(r.model.proto)
+        assert any(d.action == "pruned" for d in r.decisions)
+        assert any(d.action == "frozen" and "graph output" in d.reason for d in r.decisions)
+        assert {"groups", "speedup", "latency_after_ms"} <= set(r.counters) and r.details["groups"]
+
+    def err(m):
+        s0, s1 = make_session(model), make_session(m)
+        return sum(float(np.sum((s0.run(None, f)[0] - s1.run(None, f)[0]) ** 2)) for f in ctx.inputs.calibration)
+
+    assert err(fitted.model) < err(plain.model)
+
+
+def test_round_to_and_all_importances():
+    model = small_cnn()
+    for importance in ("magnitude", "activation", "distortion"):
+        r = create("prune", {"ratio": 0.3, "importance": importance, "round_to": 4}).run(
+            model, Context(inputs=inputs()))
+        assert r.counters["macs_reduction"] >= 0.3 - 1e-6
+        for row in r.details["groups"]:
+            if not row["frozen"] and row["size"] % 4 == 0:  # groups 4 does not divide fall back to 1
+                assert row["kept"] % 4 == 0
+
+
+def test_mean_fill_folds_constant_channels_exactly():
+    """Channels zeroed only at the conv (BN shift and bias left) are a constant after BN+ReLU: folding the
+    calibration mean into the 1x1 consumer's bias makes the pruned model equal the zeroed one."""
+    from graphopt.passes.prune import _activation_stats
+
+    rng = np.random.default_rng(0)
+    w = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("BatchNormalization", ["c", "g", "be", "m", "v"], ["n"], name="bn"),
+             helper.make_node("Relu", ["n"], ["r"], name="relu"),
+             helper.make_node("Conv", ["r", "w2"], ["d"], name="conv2"),
+             helper.make_node("GlobalAveragePool", ["d"], ["p"], name="gap"),
+             helper.make_node("Flatten", ["p"], ["f"], name="flat"),
+             helper.make_node("Gemm", ["f", "w3", "b3"], ["y"], name="fc", transB=1)]
+    inits = [init("w1", w(6, 3, 3, 3)), init("b1", w(6)), init("g", np.abs(w(6)) + 0.5), init("be", np.abs(w(6))),
+             init("m", w(6) * 0.1), init("v", np.abs(w(6)) + 0.5), init("w2", w(5, 6, 1, 1)), init("w3", w(4, 5)),
+             init("b3", w(4))]
+    model = Model(make(nodes, [fvi("x", [1, 3, 5, 5])], [fvi("y", [1, 4])], inits))
+    cg = analyse(model)
+    group = next(g for g in cg.groups() if g.producers == ["conv1"])
+    keep = {group.id: np.array([0, 2, 5])}
+    zeroed = model.copy()
+    for t in zeroed.graph.initializer:  # only the conv's weights and bias: BN still shifts them to a constant
+        if t.name in ("w1", "b1"):
+            arr = onnx.numpy_helper.to_array(t).copy()
+            arr[[1, 3, 4]] = 0
+            t.CopyFrom(onnx.numpy_helper.from_array(arr, t.name))
+    feeds = [{"x": rng.standard_normal((1, 3, 5, 5)).astype(np.float32)} for _ in range(3)]
+    stats = _activation_stats(zeroed, cg, [group], feeds, Context())
+    pruned = build(model, cg, keep, {t: s["mean"] for t, s in stats.items()})
+    for f in feeds:
+        np.testing.assert_allclose(make_session(pruned).run(None, f)[0], make_session(zeroed).run(None, f)[0],
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_budgets_out_of_reach_and_usage_errors():
+    from graphopt.allocate import BudgetInfeasible
+    from graphopt.errors import UsageError
+
+    model = small_cnn()
+    with pytest.raises(BudgetInfeasible, match="best reachable"):
+        create("prune", {"ratio": 0.99, "importance": "magnitude"}).run(model, Context(inputs=inputs()))
+    frozen = Model(make([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], [fvi("x", [2, 3])],
+                        [fvi("y", [2, 4])], [init("w", np.ones((3, 4), np.float32))]))
+    with pytest.raises(BudgetInfeasible, match="all frozen"):
+        create("prune", {"importance": "magnitude", "refit": False}).run(frozen, Context(inputs=inputs()))
+    for bad in ({"ratio": 1.5}, {"ratio": 0}, {"importance": "taylor"}, {"target": "flops"},
+                {"target_speedup": 0.5}):
+        with pytest.raises(UsageError):
+            create("prune", bad)
+    with pytest.raises(UsageError, match="calibration data"):
+        create("prune").run(model, Context())
+
+
+def test_cli_exit_codes(tmp_path):
+    import subprocess
+
+    src = tmp_path / "m.onnx"
+    onnx.save_model(small_cnn().proto, src)
+    data = tmp_path / "calib.npz"
+    np.savez(data, x=np.random.default_rng(0).standard_normal((8, 3, 6, 6)).astype(np.float32))
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "graphopt.cli", "optimize", str(src), "--calib", str(data),
+                               "--batch-size", "2", "-q", "--no-latency", "--overwrite", *args],
+                              capture_output=True, text=True)
+
+    assert cli("--pass", "prune:ratio=1.5").returncode == 2
+    bad = cli("--pass", "prune:importance=foo")
+    assert bad.returncode == 2 and "importance" in bad.stderr
+    far = cli("--pass", "prune:importance=magnitude", "--target-speedup", "50")
+    assert far.returncode == 1 and "best reachable speed-up" in far.stderr, far.stderr
+    ok = cli("--pass", "prune:ratio=0.3,importance=activation", "--max-error", "10", "-o", str(tmp_path / "o.onnx"))
+    assert ok.returncode == 0, ok.stderr
+    assert Model.load(tmp_path / "o.onnx").parameter_count() < Model.load(src).parameter_count()
