@@ -199,10 +199,10 @@ def site_model(model: Model, site: Site, shape: tuple) -> Model:
     graph = helper.make_graph([clone], "site", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(shape))],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
                               initializer=[inits[n] for n in names])
-    micro = make_model_like(model, graph)
-    del micro.proto.metadata_props[:]
-    del micro.proto.functions[:]
-    return micro
+    # A fresh ModelProto with the same opsets (not a copy of the whole model: that would copy every weight).
+    proto = helper.make_model(graph, opset_imports=list(model.proto.opset_import))
+    proto.ir_version = model.proto.ir_version
+    return Model(proto)
 
 
 def micro_site(site: Site) -> Site:

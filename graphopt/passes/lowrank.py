@@ -25,7 +25,7 @@ import numpy as np
 
 from ..allocate import BudgetInfeasible, Option, Site as AllocSite, allocate
 from ..errors import UsageError
-from ..lowrank import METHODS, Spectrum, breakeven_rank, decompose, factored_params, max_useful_rank
+from ..lowrank import METHODS, Spectrum, single_threaded_blas, breakeven_rank, decompose, factored_params, max_useful_rank
 from ..lowrank_rewrite import Site, collect_grams, find_sites, micro_site, rewrite, site_model, weight_matrix
 from ..model import Model
 from ..numerics import looks_like_class_scores
@@ -99,6 +99,10 @@ class LowRank(Pass):
         return self.require_faster if self.require_faster is not None else self.budget == "target_speedup"
 
     def run(self, model: Model, ctx: Context) -> PassResult:
+        with single_threaded_blas():  # onnxruntime keeps its own threads; this only calms numpy's BLAS
+            return self._run(model, ctx)
+
+    def _run(self, model: Model, ctx: Context) -> PassResult:
         sites = find_sites(model)
         decisions = [Decision(s.node, "skipped", s.reason) for s in sites if s.reason]
         usable = []
@@ -118,16 +122,7 @@ class LowRank(Pass):
         grams, first = collect_grams(model, usable, calib, ctx.runtime, ctx.progress)
 
         ctx.progress(f"lowrank: {self.method} decomposition of {len(usable)} weights")
-        plans: dict[str, _Plan] = {}
-        for s in usable:
-            gram = grams[s.gram_key()]
-            spectrum = decompose(weight_matrix(model, s), self.method, gram.xtx, damping=self.damping,
-                                 refit=self.refit, rows=gram.rows)
-            ranks, why_not = self._ranks(s, spectrum)
-            if not ranks:
-                decisions.append(Decision(s.node, "skipped", why_not))
-                continue
-            plans[s.node] = _Plan(s, spectrum, ranks, spectrum.errors(ranks), first[s.activation])
+        plans = self._plans(model, usable, grams, first, decisions)
         if not plans:
             return PassResult(model, False, decisions=decisions)
 
@@ -182,6 +177,19 @@ class LowRank(Pass):
             raise UsageError(f"the lowrank pass needs real calibration data (--calib) for method={self.method}"
                              f"{', refit' if self.refit else ''} and budget {self.budget}; only method=svd with a "
                              "fixed rank, rank_ratio or energy runs on synthetic inputs")
+
+    def _plans(self, model, usable, grams, first, decisions) -> dict:
+        plans = {}
+        for s in usable:
+            gram = grams[s.gram_key()]
+            spectrum = decompose(weight_matrix(model, s), self.method, gram.xtx, damping=self.damping,
+                                 refit=self.refit, rows=gram.rows)
+            ranks, why_not = self._ranks(s, spectrum)
+            if not ranks:
+                decisions.append(Decision(s.node, "skipped", why_not))
+                continue
+            plans[s.node] = _Plan(s, spectrum, ranks, spectrum.errors(ranks), first[s.activation])
+        return plans
 
     def _ranks(self, s: Site, spectrum: Spectrum) -> tuple[list[int], str]:
         """Ranks offered for this site (all below break-even), or none and why."""
