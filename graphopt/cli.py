@@ -303,6 +303,17 @@ def cmd_inspect(args) -> int:
     for k, v in info["graph"].items():
         graph.add_row(k.replace("_", " "), str(v))
     console.print(graph)
+    groups = Table(title="channel groups (what the prune pass may remove)")
+    for col in ("group", "size", "producers", "frozen because"):
+        groups.add_column(col, justify="right" if col == "size" else "left")
+    for g in info["channel_groups"]:
+        producers = g["producers"][0] + (f" +{len(g['producers']) - 1}" if len(g["producers"]) > 1 else "") \
+            if g["producers"] else "-"
+        size = f"{g['size']}" + (f" ({g['size'] // g['block']} heads of {g['block']})" if g["block"] > 1 else "")
+        reasons = g["frozen"].split("; ") if g["frozen"] else []
+        why = "; ".join(reasons[:2]) + (f" (+{len(reasons) - 2} more)" if len(reasons) > 2 else "")
+        groups.add_row(str(g["id"]), size, producers, why or "[green]prunable[/green]")
+    console.print(groups)
     return 0
 
 
@@ -318,7 +329,18 @@ def inspect_model(model: Model) -> dict:
             "nodes": len(model.graph.node), "parameters": model.parameter_count(), "bytes": model.byte_size(),
             "inputs": [tensor(n) for n in model.input_names()],
             "outputs": [tensor(n) for n in model.output_names()],
-            "op_counts": dict(model.op_counts()), "graph": dg.summary()}
+            "op_counts": dict(model.op_counts()), "graph": dg.summary(),
+            "channel_groups": _channel_groups(model)}
+
+
+def _channel_groups(model: Model) -> list[dict]:
+    from .channel_groups import analyse
+
+    try:
+        return analyse(model).summary()
+    except Exception as exc:  # the listing is informative: never let it break inspect
+        return [{"id": -1, "size": 0, "block": 1, "producers": [], "consumers": [],
+                 "frozen": f"channel-group analysis failed: {type(exc).__name__}: {exc}"}]
 
 
 def cmd_compare(args) -> int:

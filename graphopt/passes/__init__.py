@@ -4,6 +4,7 @@ from .base import REGISTRY, Context, Decision, Pass, PassResult, create, parse_p
 from .cleanup import DEFAULT_RECIPE, FoldBatchNorm, FoldConstants, RemoveDead, RemoveIdentity
 from .qdq import QDQ
 from .lowrank import LowRank
+from .prune import Prune
 
 __all__ = ["REGISTRY", "Context", "Decision", "Pass", "PassResult", "create", "parse_pass_spec", "register",
-           "DEFAULT_RECIPE", "LowRank", "QDQ", "FoldBatchNorm", "FoldConstants", "RemoveDead", "RemoveIdentity"]
+           "DEFAULT_RECIPE", "LowRank", "Prune", "QDQ", "FoldBatchNorm", "FoldConstants", "RemoveDead", "RemoveIdentity"]
