@@ -63,16 +63,21 @@ def parse_shapes(items: Iterable[str]) -> dict[str, tuple[int, ...]]:
 
 # ------------------------------------------------------------------------------ loading samples
 def load_samples(source, model, *, batch_size: int | None = None, limit: int | None = None) -> list[Feed]:
-    """Read samples from a path or a CalibrationDataReader and check them against the model's inputs."""
+    """Read samples from a path, a CalibrationDataReader or a list of feeds ({input name: array}) and check them
+    against the model's inputs."""
     specs = {s.name: s for s in input_specs(model)}
     if hasattr(source, "get_next"):
         samples = _from_reader(source, limit)
+    elif isinstance(source, (list, tuple)):
+        if not all(isinstance(item, dict) for item in source):
+            raise InputError("calibration data given as a list must hold feeds: {input name: array}")
+        samples = [{k: np.asarray(v) for k, v in item.items()} for item in source]
     else:
         samples = _from_path(Path(source), specs, batch_size)
     if limit is not None:
         samples = samples[:limit]
     if not samples:
-        raise InputError(f"{source}: holds no samples")
+        raise InputError(f"{source if isinstance(source, (str, Path)) else 'the calibration data'}: holds no samples")
     for i, sample in enumerate(samples):
         samples[i] = _checked(sample, specs, source)
     return samples

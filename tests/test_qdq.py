@@ -169,3 +169,45 @@ def test_accuracy_target_mode_meets_its_target_on_held_out_images():
     assert report.metrics[0].top1_agreement >= 0.99, "the pipeline's own validation check agrees"
     with pytest.raises(graphopt.UsageError, match="one budget"):
         create("qdq", {"min_agreement": "0.9", "target_speedup": "2"})
+
+
+def mlp_block() -> Model:
+    """Three MatMuls reading one tensor (q/k/v-like), a Gemm with transB and a bias; random weights."""
+    w = lambda *s: (RNG.standard_normal(s) * 0.2).astype(np.float32)  # noqa: E731
+    nodes = [helper.make_node("MatMul", ["x", "wq"], ["q"], name="q"),
+             helper.make_node("MatMul", ["x", "wk"], ["k"], name="k"),
+             helper.make_node("MatMul", ["x", "wv"], ["v"], name="v"),
+             helper.make_node("Add", ["q", "k"], ["qk"], name="add"),
+             helper.make_node("Mul", ["qk", "v"], ["h"], name="mul"),
+             helper.make_node("Gemm", ["h", "wo", "bo"], ["y"], name="out", transB=1)]
+    inits = [init("wq", w(16, 32)), init("wk", w(16, 32)), init("wv", w(16, 32)), init("wo", w(8, 32)),
+             init("bo", w(8))]
+    return Model(make(nodes, [fvi("x", [4, 16])], [fvi("y", [4, 8])], inits))
+
+
+def test_dynamic_int8_sites_fuse_share_one_input_quantizer_and_stay_close():
+    from graphopt.qdq_dynamic import to_dynamic
+
+    model = mlp_block()
+    samples = [{"x": RNG.standard_normal((4, 16)).astype(np.float32)} for _ in range(8)]
+    dyn = to_dynamic(model, [s for s in find_sites(model) if not s.reason])
+    onnx.checker.check_model(dyn.proto)
+    assert sum(n.op_type == "DynamicQuantizeLinear" for n in dyn.graph.node) == 2, "x once, h once"
+    assert {"wq", "wk", "wv", "wo"}.isdisjoint(dyn.initializers()), "the float weights are gone"
+    ran = kernels(dyn)
+    assert ran["out"] == "DynamicQuantizeMatMul"
+    assert {ran["q"], ran["k"], ran["v"]} <= {"MatMulIntegerToFloat", "DynamicQuantizeMatMul"}
+    assert cosine(run(make_session(model), samples), run(make_session(dyn), samples)) > 0.999
+
+
+def test_qdq_pass_in_dynamic_mode_on_matmuls():
+    model = mlp_block()
+    data = [{"x": RNG.standard_normal((4, 16)).astype(np.float32)} for _ in range(16)]
+    optimized, report = graphopt.optimize(model, passes=["qdq:activations=dynamic,max_size_mb=0.004"],
+                                          calibration=data)
+    record = report.passes[0]
+    assert record.status == "applied", record.reason
+    assert {d.action for d in record.decisions} == {"int8-dynamic"}
+    assert all("DynamicQuantizeMatMul" in d.reason or "MatMulIntegerToFloat" in d.reason for d in record.decisions)
+    with pytest.raises(graphopt.UsageError, match="activations must be one of"):
+        create("qdq", {"activations": "sometimes"})

@@ -199,6 +199,23 @@ for _method in ("MinMax", "Percentile", "Entropy"):
 contender("ort_entropy_2048")(_ort("Entropy", {"num_bins": 2048}))
 
 
+@contender("ort_dynamic")
+def _ort_dynamic(fp32_path: Path, feeds: list[Feed], workdir: Path) -> Optimized:
+    """ORT quantize_dynamic (after quant_pre_process): MatMul only, per-channel QInt8 weights, run-time activation scales.
+
+    No calibration: the feeds are not used."""
+    from onnxruntime.quantization import QuantType, quant_pre_process, quantize_dynamic
+
+    t0 = time.perf_counter()
+    fp32_path, workdir = Path(fp32_path).resolve(), Path(workdir).resolve()
+    with contextlib.chdir(workdir):
+        source, note = _pre_process(fp32_path, workdir / "preprocessed.onnx", quant_pre_process)
+        out = workdir / "model.onnx"
+        quantize_dynamic(str(source), str(out), op_types_to_quantize=["MatMul"], per_channel=True,
+                         weight_type=QuantType.QInt8)
+    return Optimized(out, time.perf_counter() - t0, note)
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     line = text.splitlines()[0] if text else type(exc).__name__

@@ -44,8 +44,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--model", choices=sorted(TASKS))
     what.add_argument("--all", action="store_true", help=f"run {', '.join(REQUIRED)} and write {COMBINED.name}")
-    p.add_argument("--contenders", default=",".join(C.DEFAULT_CONTENDERS),
-                   help=f"comma-separated; known: {', '.join(sorted(C.CONTENDERS))} (fp32 is always included)")
+    p.add_argument("--contenders", help=f"comma-separated (default: {','.join(C.DEFAULT_CONTENDERS)} plus each model's "
+                                        f"own extras); known: {', '.join(sorted(C.CONTENDERS))} (fp32 is always "
+                                        "included)")
     p.add_argument("--threads", type=int, default=2, help="ORT intra-op threads for every session (default 2)")
     p.add_argument("--out", type=Path, help="markdown file (default tools/bench/results/MODEL.md; with --all, "
                                             "the combined file, default tools/bench/RESULTS.md)")
@@ -61,8 +62,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--quiet-timeout", type=float, default=1800.0, metavar="S",
                    help="wait at most S seconds for --quiet-load, then time anyway and say so (default 1800)")
     args = p.parse_args(argv)
-    args.contenders = [c.strip() for c in args.contenders.split(",") if c.strip()]
-    unknown = [c for c in args.contenders if c not in C.CONTENDERS]
+    args.contenders = [c.strip() for c in args.contenders.split(",") if c.strip()] if args.contenders else None
+    unknown = [c for c in args.contenders or () if c not in C.CONTENDERS]
     if unknown:
         p.error(f"unknown contender(s) {', '.join(unknown)}; known: {', '.join(sorted(C.CONTENDERS))}")
     if args.threads < 1:
@@ -70,6 +71,13 @@ def parse(argv: list[str]) -> argparse.Namespace:
     if args.limit is not None and args.limit < 1:
         p.error("--limit must be at least 1")
     return args
+
+
+def _contenders(args, model: str) -> list[str]:
+    """--contenders as given, else the defaults plus the model's own peers (e.g. quantize_dynamic for MiniLM)."""
+    if args.contenders is not None:
+        return args.contenders
+    return list(C.DEFAULT_CONTENDERS) + [c for c in TASKS[model].extra_contenders if c not in C.DEFAULT_CONTENDERS]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     kw = dict(threads=args.threads, limit=args.limit, rebuild=args.rebuild, latency=latency, cache=args.cache,
               command=command)
     if args.model:
-        result = run_task(args.model, args.contenders, **kw)
+        result = run_task(args.model, _contenders(args, args.model), **kw)
         text = result.markdown(level=1)
         out = args.out or RESULTS_DIR / f"{args.model}.md"
         write_atomic(out, text)
@@ -93,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     sections = []
     for name in REQUIRED:
         try:
-            result = run_task(name, args.contenders, **kw)
+            result = run_task(name, _contenders(args, name), **kw)
         except Exception as exc:  # a model that could not be built: say so and benchmark the others
             log(f"{name}: not benchmarked: {type(exc).__name__}: {exc}")
             sections.append(f"## {name}\n\n**Not benchmarked**: {type(exc).__name__}: {exc}\n")

