@@ -190,7 +190,7 @@ def test_fixed_rank_and_break_even_refusal():
     actions = {d.site: (d.action, d.reason) for d in result.decisions}
     assert actions["fc1"][0] == "factorized" and "rank 40 of 96" in actions["fc1"][1]
     assert actions["fc2"][0] == "skipped" and "break-even rank 7.4" in actions["fc2"][1]  # 96·8/104
-    assert (result.counters["params_before"], result.counters["params_after"]) == (96 * 96, 40 * 192)
+    assert (result.counters["params_before"], result.counters["params_after"]) == (96 * 104, 40 * 192 + 96 * 8)
     ops = [n.op_type for n in result.model.graph.node]
     assert ops == ["MatMul", "MatMul", "Relu", "Gemm"]
 

@@ -56,7 +56,7 @@ class LowRank(Pass):
     rank: int | None = None  # the same rank everywhere
     rank_ratio: float | None = None  # per layer: this fraction of its full rank min(m, n)
     require_faster: bool | None = None  # keep only factorizations measured faster (default: for target_speedup)
-    candidates: int = 8  # ranks offered per site to the allocator
+    candidates: int = 12  # ranks offered per site to the allocator
     damping: float = 0.01  # whitening: λ = damping × mean diagonal of XᵀX
     calibration_samples: int = 32
     sensitivity_samples: int = 8
@@ -153,11 +153,12 @@ class LowRank(Pass):
         measured = output_distortion(reference, run(make_session(result, ctx.runtime), probe)) if chosen else 0.0
         for n, p in plans.items():
             decisions.append(self._decision(p, chosen.get(n)))
-        before = sum(p.site.params for p in plans.values())
-        after = sum(factored_params(p.site.n_in, p.site.n_out, chosen[n]) if n in chosen else p.site.params
-                    for n, p in plans.items())
+        # Parameters of every site where some rank pays (the same denominator whatever the budget).
+        before = sum(s.params for s in usable)
+        after = before - sum(p.site.params - factored_params(p.site.n_in, p.site.n_out, chosen[n])
+                             for n, p in plans.items() if n in chosen)
         counters.update({
-            "sites": len(sites), "candidates": len(plans), "factorized": len(chosen),
+            "sites": len(sites), "candidates": len(usable), "factorized": len(chosen),
             "params_before": before, "params_after": after, "param_ratio": round(after / before, 4),
             "predicted_distortion": round(sum(plans[n].distortion(r) for n, r in chosen.items()), 6)
             if allocating else None,
@@ -248,7 +249,7 @@ class LowRank(Pass):
 
         if self.budget != "target_speedup":
             ranks = {n: [r for r in p.ranks if not self.faster_only or self._faster(p, r)] for n, p in plans.items()}
-            total = sum(p.site.params for p in plans.values())
+            total = sum(p.site.params for p in plans.values())  # every usable site has a plan here
             if self.budget == "param_ratio":
                 budget = self.param_ratio * total
                 what = f"param_ratio {self.param_ratio:g}"
