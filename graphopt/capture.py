@@ -527,36 +527,15 @@ def collect_stats(model, tensors: Iterable[str], samples, *, settings: RuntimeSe
 
     if not (fetch or from_feed):  # nothing to run: the source is left unread
         return result
-    session = None
-    if fetch:
-        augmented = model.copy()
-        for name in fetch:
-            if name not in outputs:
-                elem = helper.np_dtype_to_tensor_dtype(np.dtype(infos[name].dtype))
-                augmented.graph.output.append(helper.make_tensor_value_info(name, elem, None))
-        session = make_session(augmented, settings)
-        del augmented
-
-    stream = iter(samples.get_next, None) if hasattr(samples, "get_next") else iter(samples)
     n = 0
-    for feed in stream:
-        n += 1
+    for n, (feed, values) in enumerate(stream_tensors(model, fetch, samples, settings=settings), start=1):
         for name in from_feed:
             if name not in feed:
                 raise InputError(f"sample {n}: feeds {sorted(feed)}, no value for input {name!r}")
             result[name].update(feed[name])
-        if session is not None:
-            try:
-                values = session.run(fetch, dict(feed))
-            except Exception as exc:  # ORT raises its own types: say which sample and why, in one line
-                shapes = {k: tuple(np.shape(v)) for k, v in feed.items()}
-                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-                raise InputError(f"sample {n}: onnxruntime could not run the model on inputs {shapes}: "
-                                 f"{first}") from None
-            for name, value in zip(fetch, values):
-                result[name].update(value)
-            del values
-        del feed  # hold no sample while waiting for the next one
+        for name, value in values.items():
+            result[name].update(value)
+        del values, feed  # hold no sample while waiting for the next one
         if progress is not None and n % 16 == 0:
             progress(f"calibrating: {n} samples")
     if n == 0:
@@ -567,4 +546,36 @@ def collect_stats(model, tensors: Iterable[str], samples, *, settings: RuntimeSe
     return result
 
 
-__all__ = ["TensorStats", "RangeChoice", "StatsMap", "collect_stats", "scale_zero_point", "METHODS"]
+def stream_tensors(model: Model, names: list[str], samples, *, settings: RuntimeSettings | None = None):
+    """Yield (feed, {name: value}) for every sample, running one copy of the model with the named intermediate
+    tensors as extra outputs; nothing is kept between samples. `samples` is an iterable of feeds or a
+    CalibrationDataReader."""
+    session = None
+    if names:
+        from .depgraph import tensor_infos  # deferred: depgraph pulls in networkx
+
+        infos = tensor_infos(model.proto)
+        outputs = {o.name for o in model.graph.output}
+        augmented = model.copy()
+        for name in names:
+            if name not in outputs:
+                elem = helper.np_dtype_to_tensor_dtype(np.dtype(infos[name].dtype))
+                augmented.graph.output.append(helper.make_tensor_value_info(name, elem, None))
+        session = make_session(augmented, settings)
+        del augmented
+    stream = iter(samples.get_next, None) if hasattr(samples, "get_next") else iter(samples)
+    for n, feed in enumerate(stream, start=1):
+        if session is None:
+            yield feed, {}
+            continue
+        try:
+            values = session.run(names, dict(feed))
+        except Exception as exc:  # ORT raises its own types: say which sample and why, in one line
+            shapes = {k: tuple(np.shape(v)) for k, v in feed.items()}
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise InputError(f"sample {n}: onnxruntime could not run the model on inputs {shapes}: "
+                             f"{first}") from None
+        yield feed, dict(zip(names, values))
+
+
+__all__ = ["TensorStats", "stream_tensors", "RangeChoice", "StatsMap", "collect_stats", "scale_zero_point", "METHODS"]

