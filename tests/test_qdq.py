@@ -203,7 +203,7 @@ def test_dynamic_int8_sites_fuse_share_one_input_quantizer_and_stay_close():
 def test_qdq_pass_in_dynamic_mode_on_matmuls():
     model = mlp_block()
     data = [{"x": RNG.standard_normal((4, 16)).astype(np.float32)} for _ in range(16)]
-    optimized, report = graphopt.optimize(model, passes=["qdq:activations=dynamic,max_size_mb=0.004"],
+    optimized, report = graphopt.optimize(model, passes=["qdq:activations=dynamic,max_size_mb=0.0045"],
                                           calibration=data)
     record = report.passes[0]
     assert record.status == "applied", record.reason

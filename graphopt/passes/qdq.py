@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..allocate import BudgetInfeasible, Option, Site as AllocSite, allocate
+from ..allocate import Allocation, BudgetInfeasible, Option, Site as AllocSite, allocate
 from ..errors import InputError, UsageError
 from ..model import Model
 from ..numerics import looks_like_class_scores
@@ -48,7 +48,7 @@ class QDQ(Pass):
     activations: str = "static"
     smoothing: bool = True  # dynamic sites: move activation outliers into the weights where that measures better
     calibration_samples: int = 64
-    sensitivity_samples: int = 16
+    sensitivity_samples: int = 16  # rows (batch entries), not feeds: a batched feed counts as its batch size
     overrides: str | None = None  # JSON {site: "fp32" | "int8"} applied after the allocation
     # Accuracy-target mode: the fastest assignment whose measured metric on the validation inputs meets these.
     min_agreement: float | None = None  # top-1 agreement with the original (class-score outputs)
@@ -99,7 +99,7 @@ class QDQ(Pass):
             usable = [s for s in sites if not s.reason]
             notes = {name: p.describe() for p in plans for name in p.sites}
         ranges, methods = self._calibrate(model, [s for s in sites if s.node not in dynamic], calib, ctx)
-        probe = calib[: self.sensitivity_samples]
+        probe = first_rows(calib, self.sensitivity_samples)
         reference = run(make_session(model, ctx.runtime), probe)
 
         by_name = {s.node: s for s in sites}
@@ -145,6 +145,14 @@ class QDQ(Pass):
         feed = single_sample(probe[0])
         ends = [make_session(m, ctx.runtime) for m in (model, build(all_int8))]
         fp32_ms, int8_ms = (l.median_ms for l in measure_latencies(ends, feed, min_seconds=0.5))
+        accuracy_mode = self.min_agreement is not None or self.max_error is not None
+        if self.target_speedup is None and self.latency_slack == 0 and not accuracy_mode:
+            # no room for any float site: every site int8, nothing more to measure
+            counters.update(fp32_ms=round(fp32_ms, 3), all_int8_ms=round(int8_ms, 3), target_ms=round(int8_ms, 3))
+            options = _options(usable, sensitivity, {s.node: 0.0 for s in usable})
+            choice = {o.name: o.options[0] for o in options}
+            return (Allocation(choice, 0.0, sum(o.distortion for o in choice.values()), 0.0, "no float budget"),
+                    {s.node: "not measured (latency_slack 0)" for s in usable})
         sessions = [ends[1]] + [make_session(build(all_int8 - {s.node}), ctx.runtime) for s in usable]
         lat = measure_latencies(sessions, feed, warmup=5, repeats=30, min_seconds=0.2, max_seconds=2.0)
         del sessions, ends
@@ -280,7 +288,7 @@ class QDQ(Pass):
 
     @staticmethod
     def _decision(s: Site, label, sensitivity, keep_cost, methods, plan, ran, note: str | None) -> Decision:
-        parts = [f"sensitivity {sensitivity[s.node]:.3g}", f"float costs {keep_cost[s.node]}"]
+        parts = [f"sensitivity {sensitivity[s.node]:.3g}", f"float: {keep_cost[s.node]}"]
         if s.activation in methods and label != "int8-dynamic":
             parts.append(f"input range by {methods[s.activation]}")
         if label.startswith("int8"):
@@ -306,6 +314,18 @@ class QDQ(Pass):
         if bad:
             raise UsageError(f"{path}: unknown sites or precisions {bad} (precisions: {', '.join(PRECISIONS)})")
         return dict(data)
+
+
+def first_rows(feeds: list[dict[str, np.ndarray]], rows: int) -> list[dict[str, np.ndarray]]:
+    """The first feeds that together hold at least `rows` samples along the leading axis (at least one feed)."""
+    out, total = [], 0
+    for feed in feeds:
+        out.append(feed)
+        sizes = {a.shape[0] for a in feed.values() if a.ndim}
+        total += sizes.pop() if len(sizes) == 1 else 1
+        if total >= rows:
+            break
+    return out
 
 
 def single_sample(feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
