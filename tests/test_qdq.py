@@ -211,3 +211,32 @@ def test_qdq_pass_in_dynamic_mode_on_matmuls():
     assert all("DynamicQuantizeMatMul" in d.reason or "MatMulIntegerToFloat" in d.reason for d in record.decisions)
     with pytest.raises(graphopt.UsageError, match="activations must be one of"):
         create("qdq", {"activations": "sometimes"})
+
+
+def embedding_mlp() -> Model:
+    """Token ids -> Gather(table) -> MatMul -> MatMul (opset 17: the int4 pass converts it); random weights."""
+    w = lambda *s: (RNG.standard_normal(s) * 0.2).astype(np.float32)  # noqa: E731
+    nodes = [helper.make_node("Gather", ["table", "ids"], ["e"], name="embed"),
+             helper.make_node("MatMul", ["e", "w1"], ["h"], name="fc1"),
+             helper.make_node("Relu", ["h"], ["r"], name="relu"),
+             helper.make_node("MatMul", ["r", "w2"], ["y"], name="fc2")]
+    inits = [init("table", w(200, 64)), init("w1", w(64, 128)), init("w2", w(128, 64))]
+    ids = helper.make_tensor_value_info("ids", onnx.TensorProto.INT64, [2, 8])
+    return Model(make(nodes, [ids], [fvi("y", [2, 8, 64])], inits))
+
+
+def test_int4_weight_only_under_a_size_budget_forms_matmulnbits():
+    model = embedding_mlp()
+    data = [{"ids": RNG.integers(0, 200, (2, 8)).astype(np.int64)} for _ in range(8)]
+    fp32_size = model.byte_size()
+    optimized, report = graphopt.optimize(model, passes=["qdq:int4=true,max_size_mb=0.022"], calibration=data)
+    record = report.passes[0]
+    assert record.status == "applied", record.reason
+    actions = {d.site: d.action for d in record.decisions}
+    assert actions["embed"] == "int4" and optimized.opset == 21
+    assert record.counters["int4"] >= 2 and record.counters["int4_fused"] >= 1
+    assert any("MatMulNBits" in d.reason for d in record.decisions if d.action == "int4")
+    assert optimized.byte_size() <= 0.022e6 < fp32_size / 5
+    assert report.metrics[0].cosine > 0.98
+    with pytest.raises(graphopt.UsageError, match="size budget"):
+        create("qdq", {"int4": "true"})

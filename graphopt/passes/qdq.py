@@ -21,6 +21,7 @@ from ..model import Model
 from ..numerics import looks_like_class_scores
 from .. import smooth
 from ..qdq_dynamic import DYNAMIC_OPS, to_dynamic
+from ..qdq_int4 import BLOCK_SIZE, MIN_OPSET as INT4_OPSET, constant_tables, to_int4, to_opset
 from ..qdq_rewrite import MIN_OPSET, Site, find_sites, make_plan, needed_statistics, rewrite
 from ..runtime import kernels, make_session, measure_latencies, run
 from .base import Context, Decision, Pass, PassResult, register
@@ -47,6 +48,9 @@ class QDQ(Pass):
     # static): slower than static, much more accurate where activations have outliers (transformers)
     activations: str = "static"
     smoothing: bool = True  # dynamic sites: move activation outliers into the weights where that measures better
+    # size budgets only: also offer int4 weight-only (blocked DequantizeLinear, opset 21) for MatMul weights
+    # (onnxruntime runs MatMulNBits) and constant Gather tables such as embeddings
+    int4: bool = False
     calibration_samples: int = 64
     sensitivity_samples: int = 16  # rows (batch entries), not feeds: a batched feed counts as its batch size
     overrides: str | None = None  # JSON {site: "fp32" | "int8"} applied after the allocation
@@ -69,6 +73,9 @@ class QDQ(Pass):
             raise ValueError(f"activations must be one of {', '.join(ACTIVATION_MODES)}, got {self.activations!r}")
         if self.max_size_mb is not None and not self.max_size_mb > 0:
             raise ValueError(f"max_size_mb must be positive, got {self.max_size_mb}")
+        if self.int4 and self.max_size_mb is None:
+            raise ValueError("int4 needs a size budget (max_size_mb): on this CPU int4 weights make a model smaller, "
+                             "not faster than int8")
         budgets = [self.target_speedup is not None, self.max_size_mb is not None,
                    self.min_agreement is not None or self.max_error is not None]
         if sum(budgets) > 1:
@@ -79,9 +86,13 @@ class QDQ(Pass):
         if model.opset < MIN_OPSET:
             return PassResult(model, False, decisions=[Decision("model", "skipped",
                                                                 f"opset {model.opset} < {MIN_OPSET}")])
+        decisions = []
+        if self.int4 and model.opset < INT4_OPSET:
+            model = to_opset(model, INT4_OPSET)  # ValueError (a usage error) if onnx cannot convert it
+            decisions.append(Decision("model", f"opset {INT4_OPSET}", "converted for int4 DequantizeLinear"))
         sites = find_sites(model)
         usable = [s for s in sites if not s.reason]
-        decisions = [Decision(s.node, "skipped", s.reason) for s in sites if s.reason]
+        decisions += [Decision(s.node, "skipped", s.reason) for s in sites if s.reason]
         if not usable:
             return PassResult(model, False, decisions=decisions)
         if ctx.inputs is None or ctx.inputs.synthetic:
@@ -103,39 +114,55 @@ class QDQ(Pass):
         reference = run(make_session(model, ctx.runtime), probe)
 
         by_name = {s.node: s for s in sites}
+        tables = constant_tables(model) if self.int4 else []
+        int4_axis = {s.node: 0 for s in usable if s.op_type == "MatMul"} if self.int4 else {}
+        int4_axis.update({t.node: 1 for t in tables})
+        weight_of = {s.node: s.weight for s in usable + tables}
 
-        def build(int8: set[str]) -> Model:
+        def build(int8: set[str], int4: set[str] = frozenset()) -> Model:
             static = rewrite(model, sites, make_plan(model, sites, int8 - dynamic, ranges))
-            return to_dynamic(static, [by_name[n] for n in sorted(int8 & dynamic)]) if int8 & dynamic else static
+            out = to_dynamic(static, [by_name[n] for n in sorted(int8 & dynamic)]) if int8 & dynamic else static
+            return to_int4(out, {weight_of[n]: int4_axis[n] for n in sorted(int4)}) if int4 else out
+
+        def measure(int8: set[str], int4: set[str] = frozenset()) -> float:
+            return distortion(reference, run(make_session(build(int8, int4), ctx.runtime), probe))
 
         ctx.progress(f"qdq: sensitivity of {len(usable)} sites on {len(probe)} samples")
-        sensitivity = {s.node: distortion(reference, run(make_session(build({s.node}), ctx.runtime), probe))
-                       for s in usable}
+        sensitivity = {s.node: measure({s.node}) for s in usable}
+        sensitivity4 = {n: measure(set(), {n}) for n in int4_axis}
         all_int8 = {s.node for s in usable}
         frontier: list[dict] = []
         budget_counters: dict[str, float] = {}
         if self.max_size_mb is not None:
-            allocation, keep_cost = self._size_allocation(usable, sensitivity, build, all_int8, budget_counters)
+            allocation, keep_cost = self._size_allocation(usable, tables, sensitivity, sensitivity4, build,
+                                                          budget_counters)
         else:
             allocation, keep_cost = self._latency_allocation(usable, sensitivity, build, all_int8, model, overrides,
                                                              ctx, probe, frontier, budget_counters)
         chosen = {name: o.label for name, o in allocation.choice.items()}
         chosen.update(overrides)
         int8 = {name for name, label in chosen.items() if label == "int8"}
+        int4 = {name for name, label in chosen.items() if label == "int4"}
         plan = make_plan(model, sites, int8 - dynamic, ranges)
-        result = build(int8)
+        result = build(int8, int4)
         measured = distortion(reference, run(make_session(result, ctx.runtime), probe))
         ran = kernels(result, ctx.runtime)
-        predicted = sum(sensitivity[n] for n in int8)
+        predicted = sum(sensitivity[n] for n in int8) + sum(sensitivity4[n] for n in int4)
+        for t in tables:
+            label = chosen[t.node]
+            decisions.append(Decision(t.node, label, f"embedding table {t.macs:,} values; int4 sensitivity "
+                                                     f"{sensitivity4[t.node]:.3g}; float: {keep_cost[t.node]}"))
         for s in usable:
             label = "int8-dynamic" if chosen[s.node] == "int8" and s.node in dynamic else chosen[s.node]
             decisions.append(self._decision(s, label, sensitivity, keep_cost, methods, plan, ran, notes.get(s.node)))
-        counters = {"sites": len(usable), "int8": len(int8), "fp32": len(usable) - len(int8),
+        counters = {"sites": len(usable) + len(tables), "int8": len(int8), "fp32": len(chosen) - len(int8) - len(int4),
                     "fused": sum(1 for n in int8 if ran.get(n) in INTEGER_KERNELS),
+                    **({"int4": len(int4), "int4_fused": sum(1 for n in int4 if ran.get(n) == "MatMulNBits")}
+                       if self.int4 else {}),
                     "predicted_distortion": round(predicted, 6), "measured_distortion": round(measured, 6),
                     **budget_counters}
         details = {"frontier": frontier} if frontier else {}
-        return PassResult(result, bool(int8), counters, decisions, details)
+        return PassResult(result, bool(int8 or int4), counters, decisions, details)
 
     def _latency_allocation(self, usable, sensitivity, build, all_int8, model, overrides, ctx, probe, frontier,
                             counters):
@@ -177,25 +204,49 @@ class QDQ(Pass):
         counters.update(fp32_ms=round(fp32_ms, 3), all_int8_ms=round(int8_ms, 3), target_ms=round(target_ms, 3))
         return allocation, {n: f"+{c:.3f} ms" for n, c in keep_cost.items()}
 
-    def _size_allocation(self, usable, sensitivity, build, all_int8, counters):
-        """Options priced in bytes: a float weight takes 4 bytes per element where int8 takes 1. The built model's
-        size is checked, and the least sensitive float sites go int8 until it fits."""
+    def _size_allocation(self, usable, tables, sensitivity, sensitivity4, build, counters):
+        """Options priced in bytes per weight element: fp32 4, int8 1, int4 0.625 (half a byte and a float scale
+        per block of 32), each relative to the site's smallest. The built model's size is checked, and while it
+        is over the budget the site whose next smaller option adds the least distortion per byte saved takes it."""
+        per_element = {"fp32": 4.0, "int8": 1.0, "int4": 0.5 + 4.0 / BLOCK_SIZE}
+        sites = []
+        for s in usable + tables:
+            labels = (["int8"] if s.op_type != "Gather" else []) + (["int4"] if s.node in sensitivity4 else []) + \
+                ["fp32"]
+            dist = {"fp32": 0.0, "int8": sensitivity.get(s.node), "int4": sensitivity4.get(s.node)}
+            low = min(per_element[label] for label in labels)
+            sites.append(AllocSite(s.node, tuple(Option(label, (per_element[label] - low) * s.macs, dist[label])
+                                                 for label in labels)))
+        smallest_choice = {site.name: min(site.options, key=lambda o: o.cost) for site in sites}
+
+        def size(choice) -> int:
+            labels = {n: o.label for n, o in choice.items()}
+            return build({n for n, l in labels.items() if l == "int8"},
+                         {n for n, l in labels.items() if l == "int4"}).byte_size()
+
         budget = self.max_size_mb * 1e6
-        smallest = build(all_int8).byte_size()
+        smallest = size(smallest_choice)
         if smallest > budget:
-            raise BudgetInfeasible(budget, smallest, f"max_size_mb {self.max_size_mb:g} is below the all-int8 model's "
-                                                     f"{smallest / 1e6:.3f} MB")
-        keep_cost = {s.node: 3.0 * s.macs for s in usable}  # Site.macs holds the weight's element count
-        options = _options(usable, sensitivity, keep_cost)
-        allocation = allocate(options, budget - smallest)
-        floats = sorted((n for n, o in allocation.choice.items() if o.label == "fp32"), key=sensitivity.get)
-        while floats and build(all_int8 - set(floats)).byte_size() > budget:
-            floats.pop(0)
-        choice = {o.name: o.options[1] if o.name in floats else o.options[0] for o in options}
-        counters.update(all_int8_mb=round(smallest / 1e6, 4), max_size_mb=self.max_size_mb)
-        allocation = type(allocation)(choice, sum(o.cost for o in choice.values()),
-                                      sum(o.distortion for o in choice.values()), allocation.budget, allocation.method)
-        return allocation, {n: f"+{c / 1e6:.3f} MB" for n, c in keep_cost.items()}
+            raise BudgetInfeasible(budget, smallest, f"max_size_mb {self.max_size_mb:g} is below the smallest "
+                                                     f"assignment's {smallest / 1e6:.3f} MB")
+        allocation = allocate(sites, budget - smallest)
+        choice = dict(allocation.choice)
+        while size(choice) > budget:  # the byte model is approximate: step down where it costs the least
+            steps = []
+            for site in sites:
+                current = choice[site.name]
+                cheaper = [o for o in site.options if o.cost < current.cost]
+                for o in cheaper:
+                    steps.append(((o.distortion - current.distortion) / (current.cost - o.cost), site.name, o))
+            if not steps:
+                break
+            _, name, option = min(steps, key=lambda t: t[0])
+            choice[name] = option
+        counters.update(smallest_mb=round(smallest / 1e6, 4), max_size_mb=self.max_size_mb)
+        allocation = Allocation(choice, sum(o.cost for o in choice.values()),
+                                sum(o.distortion for o in choice.values()), allocation.budget, allocation.method)
+        extra = {site.name: site.options[[o.label for o in site.options].index("fp32")].cost for site in sites}
+        return allocation, {n: f"+{c / 1e6:.3f} MB over its smallest form" for n, c in extra.items()}
 
     def _check_latency(self, allocation, options, build, target_ratio: float, ctx: Context, feed, frontier):
         """Measure the chosen assignment against the all-int8 model, interleaved, so that the check holds however
@@ -291,7 +342,7 @@ class QDQ(Pass):
         parts = [f"sensitivity {sensitivity[s.node]:.3g}", f"float: {keep_cost[s.node]}"]
         if s.activation in methods and label != "int8-dynamic":
             parts.append(f"input range by {methods[s.activation]}")
-        if label.startswith("int8"):
+        if label.startswith("int8") or label == "int4":
             parts.append(f"ORT runs {ran.get(s.node, 'it fused away')}")
         if note:
             parts.append(note)
