@@ -26,7 +26,6 @@ from .qdq_rewrite import Site
 from .runtime import RuntimeSettings
 
 ALPHAS = (0.3, 0.5, 0.6, 0.7, 0.8, 0.9)
-INT4_ALPHAS = (0.25, 0.5, 0.75, 1.0)
 
 
 @dataclass
@@ -50,22 +49,15 @@ def weight_k_by_n(site: Site, w: np.ndarray) -> np.ndarray:
 
 
 def plan(model: Model, sites: list[Site], samples, *, settings: RuntimeSettings | None = None,
-         max_rows: int = 4096, alphas=ALPHAS, target: str = "int8-dynamic") -> list[Smoothing]:
+         max_rows: int = 1024, alphas=ALPHAS) -> list[Smoothing]:
     """Capture each site input's channel maxima and up to `max_rows` rows (kept per sample, since a dynamic
-    scale covers one call), then choose alpha per input tensor.
-
-    target "int8-dynamic": s_j = max|X_j|^alpha / max|W_j|^(1 - alpha), error of the dynamic int8 product.
-    target "int4-weight" (activations stay float; the AWQ idea): s_j = mean|X_j|^alpha, which enlarges the weight
-    rows that meet large activations before the blocked int4 rounding; error of X W_int4."""
-    if target not in ("int8-dynamic", "int4-weight"):
-        raise ValueError(f"unknown smoothing target {target!r}")
+    scale covers one call), then choose alpha per input tensor by the error of the emulated dynamic int8
+    products."""
     groups: dict[str, list[Site]] = {}
     for s in sites:
         groups.setdefault(s.activation, []).append(s)
     names = list(groups)
     absmax = {a: None for a in names}
-    abssum = dict.fromkeys(names, 0.0)
-    count = dict.fromkeys(names, 0)
     rows: dict[str, list[np.ndarray]] = {a: [] for a in names}
     kept = dict.fromkeys(names, 0)
     for _, values in stream_tensors(model, names, samples, settings=settings):
@@ -73,8 +65,6 @@ def plan(model: Model, sites: list[Site], samples, *, settings: RuntimeSettings 
             x = v.reshape(-1, v.shape[-1]).astype(np.float32)
             m = np.abs(x).max(axis=0)
             absmax[a] = m if absmax[a] is None else np.maximum(absmax[a], m)
-            abssum[a] = abssum[a] + np.abs(x).sum(axis=0, dtype=np.float64)
-            count[a] += len(x)
             if kept[a] < max_rows:
                 rows[a].append(x[: max_rows - kept[a]])
                 kept[a] += len(rows[a][-1])
@@ -83,55 +73,36 @@ def plan(model: Model, sites: list[Site], samples, *, settings: RuntimeSettings 
     for a, members in groups.items():
         weights = [weight_k_by_n(s, numpy_helper.to_array(inits[s.weight]).astype(np.float32)) for s in members]
         wmax = np.max([np.abs(w).max(axis=1) for w in weights], axis=0)
-        error = _product_error if target == "int8-dynamic" else _int4_error
-        before = error(rows[a], weights, None)
+        x = rows[a]
+        refs = [[c @ w for c in x] for w in weights]
+        den = max(sum(float(np.sum(r**2)) for per_w in refs for r in per_w), 1e-30)
+
+        def error(s):
+            return sum(float(np.sum((_dynamic_int8_product(c, w, s) - r) ** 2))
+                       for w, per_w in zip(weights, refs) for c, r in zip(x, per_w)) / den
+
+        before = error(None)
         best = Smoothing(a, [s.node for s in members], None, None, before, before)
-        mean = np.maximum(abssum[a] / max(count[a], 1), 1e-6)
         for alpha in alphas:
-            if target == "int8-dynamic":
-                s = np.maximum(absmax[a], 1e-6) ** alpha / np.maximum(wmax, 1e-6) ** (1 - alpha)
-            else:
-                s = mean**alpha / np.sqrt(mean.max() * mean.min()) ** alpha  # centred around 1
+            s = np.maximum(absmax[a], 1e-6) ** alpha / np.maximum(wmax, 1e-6) ** (1 - alpha)
             s = np.where(np.isfinite(s) & (s > 0), s, 1.0).astype(np.float32)
-            err = error(rows[a], weights, s)
+            err = error(s)
             if err < best.error_after:
                 best = Smoothing(a, best.sites, alpha, s, before, err)
         out.append(best)
     return out
 
 
-def _product_error(chunks: list[np.ndarray], weights: list[np.ndarray], s: np.ndarray | None) -> float:
-    """sum ||Q(X/s) Q(sW) - X W||^2 / sum ||X W||^2 over the sites, with Q as onnxruntime's dynamic int8."""
-    num = den = 0.0
-    for w in weights:
-        ws = w if s is None else w * s[:, None]
-        wscale = np.where(np.abs(ws).max(axis=0) > 0, np.abs(ws).max(axis=0) / 127.0, 1.0)
-        wq = np.clip(np.round(ws / wscale), -127, 127) * wscale
-        for x in chunks:
-            ref = x @ w
-            xs = x if s is None else x / s
-            lo, hi = min(float(xs.min()), 0.0), max(float(xs.max()), 0.0)
-            scale = (hi - lo) / 255.0 or 1.0
-            zp = np.clip(np.round(-lo / scale), 0, 255)
-            xq = (np.clip(np.round(xs / scale) + zp, 0, 255) - zp) * scale
-            num += float(np.sum((xq @ wq - ref) ** 2))
-            den += float(np.sum(ref**2))
-    return num / max(den, 1e-30)
-
-
-def _int4_error(chunks: list[np.ndarray], weights: list[np.ndarray], s: np.ndarray | None) -> float:
-    """sum ||(X/s) int4(sW) - X W||^2 / sum ||X W||^2, int4 blocked along the input axis."""
-    from .qdq_int4 import dequantized
-
-    num = den = 0.0
-    for w in weights:
-        ws = w if s is None else w * s[:, None]
-        wq = dequantized(ws, axis=0)
-        for x in chunks:
-            ref = x @ w
-            num += float(np.sum(((x if s is None else x / s) @ wq - ref) ** 2))
-            den += float(np.sum(ref**2))
-    return num / max(den, 1e-30)
+def _dynamic_int8_product(x: np.ndarray, w: np.ndarray, s: np.ndarray | None) -> np.ndarray:
+    """Q(x/s) Q(s w), Q as onnxruntime's dynamic int8: uint8 per call for x, int8 per output column for w."""
+    ws = w if s is None else w * s[:, None]
+    wscale = np.where(np.abs(ws).max(axis=0) > 0, np.abs(ws).max(axis=0) / 127.0, 1.0)
+    wq = np.clip(np.round(ws / wscale), -127, 127) * wscale
+    xs = x if s is None else x / s
+    lo, hi = min(float(xs.min()), 0.0), max(float(xs.max()), 0.0)
+    scale = (hi - lo) / 255.0 or 1.0
+    zp = np.clip(np.round(-lo / scale), 0, 255)
+    return ((np.clip(np.round(xs / scale) + zp, 0, 255) - zp) * scale) @ wq
 
 
 def apply(model: Model, sites: list[Site], smoothings: list[Smoothing]) -> Model:
