@@ -54,6 +54,7 @@ class Plan:
     int8_sites: set[str]
     tensors: dict[str, QParams] = field(default_factory=dict)
     bias_adjusted: dict[str, int] = field(default_factory=dict)
+    bias_shift: dict[str, np.ndarray] = field(default_factory=dict)  # subtracted from int8 sites' biases
 
 
 def find_sites(model: Model) -> list[Site]:
@@ -219,6 +220,8 @@ def rewrite(model: Model, sites: list[Site], plan: Plan) -> Model:
         x_scale = float(plan.tensors[s.activation].scale)
         if s.bias is not None:
             b = numpy_helper.to_array(consts[s.bias]).astype(np.float32)
+            if s.node in plan.bias_shift:
+                b = (b - plan.bias_shift[s.node]).astype(np.float32)
             wq, raised = guard_bias_overflow(b, x_scale, wq)
             if raised:
                 plan.bias_adjusted[s.node] = raised

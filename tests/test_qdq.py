@@ -240,3 +240,26 @@ def test_int4_weight_only_under_a_size_budget_forms_matmulnbits():
     assert report.metrics[0].cosine > 0.98
     with pytest.raises(graphopt.UsageError, match="size budget"):
         create("qdq", {"int4": "true"})
+
+
+def test_bias_correction_removes_the_mean_shift_on_real_images():
+    from graphopt.bias_correction import bias_shifts
+
+    model = _fashion()
+    images = np.load(EXAMPLES / "fashion_test.npz")["image"]
+    calib = [{"image": images[i:i + 1]} for i in range(64)]
+    held_out = [{"image": images[i:i + 32]} for i in range(256, 512, 32)]
+    sites = find_sites(model)
+    int8 = {s.node for s in sites if not s.reason}
+    stats = collect_stats(model, needed_statistics(model, sites), calib)
+    ranges = {k: (c.lo, c.hi) for k, st in stats.items() for c in [st.best_range(qmin=0, qmax=255, symmetric=False)]}
+    plain = make_plan(model, sites, int8, ranges)
+    corrected = make_plan(model, sites, int8, ranges)
+    corrected.bias_shift = bias_shifts(model, sites, int8, corrected.tensors, calib)
+    assert set(corrected.bias_shift) == int8, "every site here has a bias"
+    outputs = [np.concatenate([next(iter(o.values())) for o in run(make_session(m), held_out)])
+               for m in (model, rewrite(model, sites, plain), rewrite(model, sites, corrected))]
+    ref, before, after = outputs
+    shift_before = np.abs((before - ref).mean(axis=0)).mean()
+    shift_after = np.abs((after - ref).mean(axis=0)).mean()
+    assert shift_after < 0.7 * shift_before, (shift_before, shift_after)

@@ -20,6 +20,7 @@ from ..errors import InputError, UsageError
 from ..model import Model
 from ..numerics import looks_like_class_scores
 from .. import smooth
+from ..bias_correction import bias_shifts
 from ..qdq_dynamic import DYNAMIC_OPS, to_dynamic
 from ..qdq_int4 import BLOCK_SIZE, MIN_OPSET as INT4_OPSET, constant_tables, to_int4, to_opset
 from ..qdq_rewrite import MIN_OPSET, Site, find_sites, make_plan, needed_statistics, rewrite
@@ -51,6 +52,7 @@ class QDQ(Pass):
     # size budgets only: also offer int4 weight-only (blocked DequantizeLinear, opset 21) for MatMul weights
     # (onnxruntime runs MatMulNBits) and constant Gather tables such as embeddings
     int4: bool = False
+    bias_correction: bool = True  # static int8 sites: restore each output channel's mean (see bias_correction.py)
     calibration_samples: int = 64
     sensitivity_samples: int = 16  # rows (batch entries), not feeds: a batched feed counts as its batch size
     overrides: str | None = None  # JSON {site: "fp32" | "int8"} applied after the allocation
@@ -119,8 +121,20 @@ class QDQ(Pass):
         int4_axis.update({t.node: 1 for t in tables})
         weight_of = {s.node: s.weight for s in usable + tables}
 
+        shifts = {}
+        if self.bias_correction:
+            ctx.progress("qdq: bias correction (channel means of the site inputs, float and fake-quantized)")
+            static_sites = {s.node for s in usable} - dynamic
+            tensors = make_plan(model, sites, static_sites, ranges).tensors
+            shifts = bias_shifts(model, sites, static_sites, tensors, calib, settings=ctx.runtime)
+
+        def plan_for(int8: set[str]):
+            plan = make_plan(model, sites, int8, ranges)
+            plan.bias_shift = {n: shifts[n] for n in int8 if n in shifts}
+            return plan
+
         def build(int8: set[str], int4: set[str] = frozenset()) -> Model:
-            static = rewrite(model, sites, make_plan(model, sites, int8 - dynamic, ranges))
+            static = rewrite(model, sites, plan_for(int8 - dynamic))
             out = to_dynamic(static, [by_name[n] for n in sorted(int8 & dynamic)]) if int8 & dynamic else static
             return to_int4(out, {weight_of[n]: int4_axis[n] for n in sorted(int4)}) if int4 else out
 
@@ -143,7 +157,7 @@ class QDQ(Pass):
         chosen.update(overrides)
         int8 = {name for name, label in chosen.items() if label == "int8"}
         int4 = {name for name, label in chosen.items() if label == "int4"}
-        plan = make_plan(model, sites, int8 - dynamic, ranges)
+        plan = plan_for(int8 - dynamic)
         result = build(int8, int4)
         measured = distortion(reference, run(make_session(result, ctx.runtime), probe))
         ran = kernels(result, ctx.runtime)
@@ -346,6 +360,8 @@ class QDQ(Pass):
             parts.append(f"ORT runs {ran.get(s.node, 'it fused away')}")
         if note:
             parts.append(note)
+        if s.node in plan.bias_shift:
+            parts.append(f"bias corrected (mean shift up to {np.abs(plan.bias_shift[s.node]).max():.2g})")
         if s.node in plan.bias_adjusted:
             parts.append(f"weight scale raised on {plan.bias_adjusted[s.node]} channels for the int32 bias")
         return Decision(s.node, label, "; ".join(parts))

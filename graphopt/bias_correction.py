@@ -1,0 +1,76 @@
+"""Empirical bias correction for int8 sites: remove the mean output shift that quantization adds.
+
+Rounding weights and clipping/rounding activations do not only add noise, they move each output channel's mean
+(clipping a long-tailed activation pulls it down; a rounded weight row no longer sums to the same value). For a
+site y = W x + b the int8 model computes E[y] = W_q E[x_q] + b instead of W E[x] + b, so subtracting
+W_q E[x_q] - W E[x] from the bias restores every channel's mean. The means come from one streaming pass over
+the calibration inputs of the float model: per input channel, E[x] and E[fake-quantized x] with the range the
+plan chose. Exact in expectation for the site in isolation (zero padding at conv borders is ignored).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from onnx import helper, numpy_helper
+
+from .capture import stream_tensors
+from .model import Model
+from .qdq_rewrite import Site
+from .quant import QParams, quantize_weight, weight_qparams
+from .runtime import RuntimeSettings
+
+
+def fake_quantize(x: np.ndarray, q: QParams) -> np.ndarray:
+    scale, zp = float(q.scale), float(q.zero_point)
+    return (np.clip(np.round(x / scale) + zp, 0, 255) - zp) * scale
+
+
+def channel_means(model: Model, sites: list[Site], tensors: dict[str, QParams], samples, *,
+                  settings: RuntimeSettings | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """{activation: (E[x], E[fake-quantized x])} per input channel (axis 1 for convs, the last axis for
+    MatMul/Gemm), streamed over `samples`."""
+    axis_of = {s.activation: (1 if s.op_type == "Conv" else -1) for s in sites}
+    names = [a for a in dict.fromkeys(s.activation for s in sites) if a in tensors]
+    sums: dict[str, list] = {a: [0.0, 0.0, 0] for a in names}
+    inputs = {i.name for i in model.graph.input}
+    fetch = [a for a in names if a not in inputs]
+    for feed, values in stream_tensors(model, fetch, samples, settings=settings):
+        values.update({a: feed[a] for a in names if a in inputs})
+        for a, x in values.items():
+            x = np.moveaxis(x.astype(np.float32), axis_of[a], -1).reshape(-1, x.shape[axis_of[a]])
+            acc = sums[a]
+            acc[0] = acc[0] + x.sum(axis=0, dtype=np.float64)
+            acc[1] = acc[1] + fake_quantize(x, tensors[a]).sum(axis=0, dtype=np.float64)
+            acc[2] += len(x)
+    return {a: (s / max(n, 1), fq / max(n, 1)) for a, (s, fq, n) in sums.items()}
+
+
+def bias_shifts(model: Model, sites: list[Site], int8: set[str], tensors: dict[str, QParams], samples, *,
+                settings: RuntimeSettings | None = None) -> dict[str, np.ndarray]:
+    """{site: per-output-channel shift to subtract from its float bias} for the int8 sites that have a bias."""
+    chosen = [s for s in sites if s.node in int8 and s.bias is not None and s.activation in tensors]
+    means = channel_means(model, chosen, tensors, samples, settings=settings)
+    inits = model.initializers()
+    nodes = {n.name: n for n in model.graph.node}
+    shifts = {}
+    for s in chosen:
+        mu, mu_q = means[s.activation]
+        w = numpy_helper.to_array(inits[s.weight]).astype(np.float64)
+        wq_params = weight_qparams(w.astype(np.float32), s.weight_axis)
+        wq = quantize_weight(w.astype(np.float32), wq_params).astype(np.float64)
+        shape = [1] * w.ndim
+        shape[s.weight_axis] = -1
+        wq = wq * wq_params.scale.reshape(shape)
+        if s.op_type == "Conv":
+            group = next((helper.get_attribute_value(a) for a in nodes[s.node].attribute if a.name == "group"), 1)
+            per_group = w.shape[1]
+            out_per_group = w.shape[0] // group
+            # input channel of (output o, weight channel c): (o // out_per_group) * per_group + c
+            index = (np.arange(w.shape[0])[:, None] // out_per_group) * per_group + np.arange(per_group)[None, :]
+            spatial = tuple(range(2, w.ndim))
+            shifts[s.node] = ((wq.sum(axis=spatial) * mu_q[index]).sum(axis=1)
+                              - (w.sum(axis=spatial) * mu[index]).sum(axis=1))
+        else:
+            k_axis = 1 - s.weight_axis  # MatMul [K, N]: K is axis 0; Gemm transB [N, K]: axis 1
+            shifts[s.node] = np.tensordot(mu_q, wq, axes=([0], [k_axis])) - np.tensordot(mu, w, axes=([0], [k_axis]))
+    return shifts
