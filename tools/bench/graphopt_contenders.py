@@ -32,11 +32,13 @@ def _qdq(params: dict) -> callable:
 contender("graphopt_qdq")(_qdq({}))
 contender("graphopt_qdq_slack25")(_qdq({"latency_slack": 0.25}))
 contender("graphopt_qdq_slack50")(_qdq({"latency_slack": 0.5}))
+contender("graphopt_qdq_all_int8")(_qdq({"latency_slack": 0.0}))
 contender("graphopt_qdq_dynamic")(_qdq({"activations": "dynamic", "latency_slack": 0.0}))
 contender("graphopt_qdq_dynamic_slack10")(_qdq({"activations": "dynamic"}))
 for _name, _doc in (("graphopt_qdq", "graphopt qdq at its defaults (at most 10 % slower than all-int8)"),
                     ("graphopt_qdq_slack25", "graphopt qdq, budget: at most 25 % slower than all-int8"),
                     ("graphopt_qdq_slack50", "graphopt qdq, budget: at most 50 % slower than all-int8"),
+                    ("graphopt_qdq_all_int8", "graphopt qdq, every site int8 (latency_slack=0)"),
                     ("graphopt_qdq_dynamic", "graphopt qdq, dynamic int8 MatMuls with smoothing, no float sites "
                                              "(latency_slack=0)"),
                     ("graphopt_qdq_dynamic_slack10", "graphopt qdq, dynamic int8 MatMuls with smoothing, at most "
