@@ -47,4 +47,4 @@ for _name, _doc in (("graphopt_qdq", "graphopt qdq at its defaults (at most 10 %
 
     CONTENDERS[_name].__doc__ = _doc
 
-QDQ_CONTENDERS = ("graphopt_qdq", "graphopt_qdq_slack25", "graphopt_qdq_slack50")
+QDQ_CONTENDERS = ("graphopt_qdq_all_int8", "graphopt_qdq", "graphopt_qdq_slack25", "graphopt_qdq_slack50")
