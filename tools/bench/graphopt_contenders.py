@@ -23,7 +23,8 @@ def _qdq(params: dict) -> callable:
         out = Path(workdir) / "model.onnx"
         result.model.save(out, overwrite=True)
         c = result.counters
-        note = (f"{c['int8']}/{c['sites']} sites int8 ({c['fused']} fused), float kept: {c['fp32']}; "
+        int4 = f"{c['int4']} int4 ({c['int4_fused']} as MatMulNBits), " if "int4" in c else ""
+        note = (f"{c['int8']}/{c['sites']} sites int8 ({c['fused']} fused), {int4}float kept: {c['fp32']}; "
                 f"predicted distortion {c['predicted_distortion']}, measured {c['measured_distortion']}")
         return Optimized(out, time.perf_counter() - t0, note)
     return build
@@ -34,6 +35,7 @@ contender("graphopt_qdq_slack25")(_qdq({"latency_slack": 0.25}))
 contender("graphopt_qdq_slack50")(_qdq({"latency_slack": 0.5}))
 contender("graphopt_qdq_all_int8")(_qdq({"latency_slack": 0.0}))
 contender("graphopt_qdq_dynamic")(_qdq({"activations": "dynamic", "latency_slack": 0.0}))
+contender("graphopt_qdq_int4_size5x")(_qdq({"activations": "dynamic", "int4": True, "max_size_mb": 18.0}))
 contender("graphopt_qdq_dynamic_slack10")(_qdq({"activations": "dynamic"}))
 for _name, _doc in (("graphopt_qdq", "graphopt qdq at its defaults (at most 10 % slower than all-int8)"),
                     ("graphopt_qdq_slack25", "graphopt qdq, budget: at most 25 % slower than all-int8"),
@@ -41,6 +43,8 @@ for _name, _doc in (("graphopt_qdq", "graphopt qdq at its defaults (at most 10 %
                     ("graphopt_qdq_all_int8", "graphopt qdq, every site int8 (latency_slack=0)"),
                     ("graphopt_qdq_dynamic", "graphopt qdq, dynamic int8 MatMuls with smoothing, no float sites "
                                              "(latency_slack=0)"),
+                    ("graphopt_qdq_int4_size5x", "graphopt qdq, dynamic int8 / int4 weight-only / float per site "
+                                                 "under max_size_mb=18 (MiniLM fp32 / 5)"),
                     ("graphopt_qdq_dynamic_slack10", "graphopt qdq, dynamic int8 MatMuls with smoothing, at most "
                                                      "10 % slower than all-int8")):
     from .contenders import CONTENDERS

@@ -206,7 +206,7 @@ def main(argv=None) -> int:
     with OtherLoad() as other:
         lats = measure_latencies([make_session(r.model, settings) for r in live], ev.latency_feed, warmup=10,
                                  repeats=50, min_seconds=args.latency_seconds, max_seconds=10 * args.latency_seconds)
-    load_after = os.getloadavg()
+    load_after = os.getloadavg()[0]
     if other.fraction is not None:
         quiet += f"; other processes used {other.fraction:.0%} of the CPU while timing"
     for r, lat in zip(live, lats):
@@ -223,7 +223,7 @@ def main(argv=None) -> int:
         "machine": f"{m['cpu']}, {m['cores']} cores; onnxruntime {m['onnxruntime']}; Python {m['python']}; "
                    f"graphopt {m['graphopt']}",
         "load average": f"{load_before[0]:.2f} / {load_before[1]:.2f} / {load_before[2]:.2f} (1/5/15 min) before "
-                        f"timing, {os.getloadavg()[0]:.2f} after{quiet}",
+                        f"timing, {load_after:.2f} after{quiet}",
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "command": f"`{command}`",
     }

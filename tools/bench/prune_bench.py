@@ -174,7 +174,7 @@ def analysis_timing(nodes: int = 10_000, repeats: int = 3) -> str:
         f"- **machine**: {m['cpu']}, {m['cores']} cores; onnxruntime {m['onnxruntime']}; Python {m['python']}",
         f"- **load average**: {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} (1/5/15 min)",
         f"- **date**: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
-        f"- **command**: `python tools/bench/prune_bench.py --analysis`", "",
+        "- **command**: `python tools/bench/prune_bench.py --analysis`", "",
         "| step | median of 3 (s) |", "|---|---:|",
         f"| ONNX shape inference (`tensor_infos`) | {med[0]:.3f} |",
         f"| channel groups (union-find walk) | {med[1]:.3f} |",
