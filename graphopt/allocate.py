@@ -111,30 +111,59 @@ def _check(sites: Sequence[Site], budget: float) -> None:
         raise BudgetInfeasible(budget, cheapest)
 
 
-def allocate(sites: Sequence[Site], budget: float, members: dict | None = None) -> Allocation:
-    """Exact minimum-distortion choice under `sum(cost) <= budget` (scipy MILP / HiGHS)."""
+@dataclass(frozen=True)
+class Boundary:
+    """A cost paid when exactly one of sites `a` and `b` takes option `label` (e.g. a layout conversion between a
+    float site and an int8 neighbour)."""
+
+    a: str
+    b: str
+    label: str
+    cost: float
+
+
+def allocate(sites: Sequence[Site], budget: float, members: dict | None = None,
+             boundaries: Sequence[Boundary] = ()) -> Allocation:
+    """Exact minimum-distortion choice under `sum(cost) + boundary costs <= budget` (scipy MILP / HiGHS)."""
     from scipy.optimize import Bounds, LinearConstraint, milp
 
     _check(sites, budget)
     sizes = [len(s.options) for s in sites]
     n = sum(sizes)
-    cost = np.array([o.cost for s in sites for o in s.options], dtype=float)
-    dist = np.array([o.distortion for s in sites for o in s.options], dtype=float)
-    one_each = np.zeros((len(sites), n))
+    index, start = {}, 0
+    for s, k in zip(sites, sizes):
+        for j, o in enumerate(s.options):
+            index[(s.name, o.label)] = start + j
+        start += k
+    usable = [b for b in boundaries if (b.a, b.label) in index and (b.b, b.label) in index]
+    m = len(usable)  # one continuous variable d >= |x_a - x_b| per boundary, after the option variables
+    cost = np.array([o.cost for s in sites for o in s.options] + [b.cost for b in usable], dtype=float)
+    dist = np.array([o.distortion for s in sites for o in s.options] + [0.0] * m, dtype=float)
+    one_each = np.zeros((len(sites), n + m))
     start = 0
     for i, k in enumerate(sizes):
         one_each[i, start:start + k] = 1.0
         start += k
     constraints = [LinearConstraint(one_each, 1, 1), LinearConstraint(cost[None, :], -np.inf, budget)]
-    res = milp(dist, constraints=constraints, integrality=np.ones(n), bounds=Bounds(0, 1))
+    if usable:
+        rows = np.zeros((2 * m, n + m))
+        for k, b in enumerate(usable):
+            xa, xb = index[(b.a, b.label)], index[(b.b, b.label)]
+            rows[2 * k, [xa, xb, n + k]] = [1.0, -1.0, -1.0]  # x_a - x_b - d <= 0
+            rows[2 * k + 1, [xa, xb, n + k]] = [-1.0, 1.0, -1.0]  # x_b - x_a - d <= 0
+        constraints.append(LinearConstraint(rows, -np.inf, 0.0))
+    integrality = np.concatenate([np.ones(n), np.zeros(m)])
+    res = milp(dist, constraints=constraints, integrality=integrality, bounds=Bounds(0, 1))
     if res.status != 0 or res.x is None:
         raise GraphoptError(f"the MILP solver failed: {res.message}")
-    x = np.round(res.x).astype(int)
+    x = np.round(res.x[:n]).astype(int)
     choice, start = {}, 0
     for s, k in zip(sites, sizes):
         choice[s.name] = s.options[int(np.argmax(x[start:start + k]))]
         start += k
-    return _result(choice, budget, "milp", members)
+    result = _result(choice, budget, "milp", members)
+    result.cost += sum(b.cost for b in usable if (choice[b.a].label == b.label) != (choice[b.b].label == b.label))
+    return result
 
 
 def allocate_dp(sites: Sequence[Site], budget: float, resolution: int = 2000,

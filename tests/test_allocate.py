@@ -73,3 +73,21 @@ def test_tied_sites_take_the_same_option():
     assert chosen == {"add_in1": "int8", "add_in2": "int8", "other": "fp32"}
     with pytest.raises(UsageError, match="two tie groups"):
         tie(sites, [["add_in1", "add_in2"], ["add_in2", "other"]])
+
+
+def test_boundary_costs_make_float_runs_contiguous():
+    from graphopt.allocate import Boundary
+
+    # a, b, c in a chain: each float site costs 1 and removes 1 distortion; a border between a float and an int8
+    # neighbour costs 0.6. Budget 2: two float sites cost at least 2 + 0.6, so one fits, at an end of the chain
+    # (1 + 0.6; in the middle it would pay two borders, 2.2).
+    chain = [Site(n, (Option("int8", 0.0, 1.0), Option("fp32", 1.0, 0.0))) for n in "abc"]
+    borders = [Boundary("a", "b", "fp32", 0.6), Boundary("b", "c", "fp32", 0.6)]
+    without = allocate(chain, 2.0)
+    assert sum(o.label == "fp32" for o in without.choice.values()) == 2
+    one = allocate(chain, 2.0, boundaries=borders)
+    assert [o.label for o in one.choice.values()].count("fp32") == 1 and one.cost == pytest.approx(1.6)
+    assert one.choice["b"].label == "int8"
+    # with room for all three, the whole chain goes float and pays no border at all
+    whole = allocate(chain, 3.2, boundaries=borders)
+    assert all(o.label == "fp32" for o in whole.choice.values()) and whole.cost == pytest.approx(3.0)

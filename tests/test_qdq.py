@@ -163,9 +163,11 @@ def test_accuracy_target_mode_meets_its_target_on_held_out_images():
     optimized, report = graphopt.optimize(model, passes=["qdq:min_agreement=0.99,calibration_samples=32"],
                                           calibration=EXAMPLES / "fashion_test.npz")
     record = report.passes[0]
-    assert record.status == "applied", record.reason
+    # the cheapest (fastest) assignment that meets the target: on this small CNN at batch 1 that may be all float
+    assert record.status in ("applied", "unchanged"), record.reason
     frontier = record.details["frontier"]
     assert frontier and any(f["meets_target"] for f in frontier)
+    assert all(f["top1_agreement"] >= 0.99 for f in frontier if f["meets_target"])
     assert report.metrics[0].top1_agreement >= 0.99, "the pipeline's own validation check agrees"
     with pytest.raises(graphopt.UsageError, match="one budget"):
         create("qdq", {"min_agreement": "0.9", "target_speedup": "2"})

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..allocate import Allocation, BudgetInfeasible, Option, Site as AllocSite, allocate
+from ..allocate import Allocation, Boundary, BudgetInfeasible, Option, Site as AllocSite, allocate
 from ..errors import InputError, UsageError
 from ..model import Model
-from ..numerics import looks_like_class_scores
+from ..numerics import output_distortion as distortion
 from .. import smooth
 from ..bias_correction import bias_shifts
 from ..qdq_dynamic import DYNAMIC_OPS, to_dynamic
@@ -197,10 +197,11 @@ class QDQ(Pass):
         sessions = [ends[1]] + [make_session(build(all_int8 - {s.node}), ctx.runtime) for s in usable]
         lat = measure_latencies(sessions, feed, warmup=5, repeats=30, min_seconds=0.2, max_seconds=2.0)
         del sessions, ends
-        keep_cost = {s.node: max(0.0, l.median_ms - lat[0].median_ms) for s, l in zip(usable, lat[1:])}
+        loo = {s.node: max(0.0, l.median_ms - lat[0].median_ms) for s, l in zip(usable, lat[1:])}
+        keep_cost, boundaries, beta = island_costs(model, usable, loo, fp32_ms - int8_ms)
         options = _options(usable, sensitivity, keep_cost)
         if self.min_agreement is not None or self.max_error is not None:
-            allocation = self._search(options, build, overrides, ctx, frontier)
+            allocation = self._search(options, boundaries, build, overrides, ctx, frontier)
             target_ms = int8_ms + allocation.budget
         else:
             target_ms = fp32_ms / self.target_speedup if self.target_speedup else int8_ms * (1 + self.latency_slack)
@@ -208,7 +209,7 @@ class QDQ(Pass):
                 ctx.progress(f"qdq: the float model ({fp32_ms:.3f} ms) is faster than all-int8 ({int8_ms:.3f} ms); "
                              "every site stays float (give max_size_mb to quantize for size)")
             try:
-                allocation = allocate(options, target_ms - int8_ms)
+                allocation = allocate(options, target_ms - int8_ms, boundaries=boundaries)
             except BudgetInfeasible as exc:
                 raise BudgetInfeasible(exc.budget, exc.best_cost, (
                     f"target speed-up {self.target_speedup}x needs {target_ms:.3f} ms; the fastest assignment "
@@ -216,7 +217,8 @@ class QDQ(Pass):
                     f"{fp32_ms / int8_ms:.2f}x")) from None
             allocation = self._check_latency(allocation, options, build, target_ms / int8_ms, ctx, feed, frontier)
         counters.update(fp32_ms=round(fp32_ms, 3), all_int8_ms=round(int8_ms, 3), target_ms=round(target_ms, 3))
-        return allocation, {n: f"+{c:.3f} ms" for n, c in keep_cost.items()}
+        return allocation, {n: f"{c:+.3f} ms, +{beta:.3f} ms per int8 neighbour (alone: +{loo[n]:.3f} ms)"
+                            for n, c in keep_cost.items()}
 
     def _size_allocation(self, usable, tables, sensitivity, sensitivity4, build, counters):
         """Options priced in bytes per weight element: fp32 4, int8 1, int4 0.625 (half a byte and a float scale
@@ -295,7 +297,7 @@ class QDQ(Pass):
         return type(allocation)(choice, sum(o.cost for o in choice.values()),
                                 sum(o.distortion for o in choice.values()), allocation.budget, allocation.method)
 
-    def _search(self, options: list[AllocSite], build, overrides, ctx: Context, frontier: list[dict]):
+    def _search(self, options: list[AllocSite], boundaries, build, overrides, ctx: Context, frontier: list[dict]):
         """Bisect the latency budget for the cheapest allocation whose measured metric meets the target."""
         from ..numerics import compare_outputs
 
@@ -318,16 +320,16 @@ class QDQ(Pass):
                          + (f", agreement {agreement:.2%}" if agreement is not None else ""))
             return ok
 
-        lo, hi = 0.0, sum(o.options[1].cost for o in options)
-        best = allocate(options, hi)
+        lo, hi = 0.0, sum(max(0.0, o.options[1].cost) for o in options) + sum(b.cost for b in boundaries)
+        best = allocate(options, hi, boundaries=boundaries)
         if not meets(best):
             raise BudgetInfeasible(hi, hi, "the accuracy target is not met even with every site in float")
-        cheapest = allocate(options, lo)
+        cheapest = allocate(options, lo, boundaries=boundaries)
         if meets(cheapest):
             return cheapest
         for _ in range(6):
             mid = (lo + hi) / 2
-            candidate = allocate(options, mid)
+            candidate = allocate(options, mid, boundaries=boundaries)
             if meets(candidate):
                 hi, best = mid, candidate
             else:
@@ -383,6 +385,27 @@ class QDQ(Pass):
         return dict(data)
 
 
+def island_costs(model: Model, usable: list[Site], loo: dict[str, float], float_minus_int8_ms: float):
+    """Split each site's measured cost of staying float alone (`loo`) into its own compute and the conversions at
+    its two borders with int8 neighbours, so that a run of neighbouring float sites pays the borders once.
+
+    Own compute: the float-minus-int8 latency of the whole model shared by weight size; border cost beta: the median
+    over sites of (alone - own) / 2. Returns (float option cost per site, Boundary list between consecutive sites
+    in graph order, beta). A site reading a graph input or ending the graph has a float neighbour already, so its
+    float option saves one border (its cost is own - beta)."""
+    total = sum(s.macs for s in usable) or 1
+    own = {s.node: max(0.0, float_minus_int8_ms) * s.macs / total for s in usable}
+    beta = float(np.median([max(0.0, (loo[s.node] - own[s.node]) / 2) for s in usable]))
+    inputs = {i.name for i in model.graph.input}
+    cost = dict(own)
+    for s in usable:
+        if s.activation in inputs:
+            cost[s.node] -= beta
+    cost[usable[-1].node] -= beta
+    boundaries = [Boundary(a.node, b.node, "fp32", beta) for a, b in zip(usable, usable[1:])]
+    return cost, boundaries, beta
+
+
 def first_rows(feeds: list[dict[str, np.ndarray]], rows: int) -> list[dict[str, np.ndarray]]:
     """The first feeds that together hold at least `rows` samples along the leading axis (at least one feed)."""
     out, total = [], 0
@@ -407,24 +430,3 @@ def single_sample(feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 def _options(usable: list[Site], sensitivity: dict, keep_cost: dict) -> list[AllocSite]:
     return [AllocSite(s.node, (Option("int8", 0.0, sensitivity[s.node]), Option("fp32", keep_cost[s.node], 0.0)))
             for s in usable]
-
-
-def distortion(reference: list[dict], candidate: list[dict]) -> float:
-    """Mean KL(softmax(ref) || softmax(new)) for class scores, else normalised MSE, summed over outputs."""
-    total = 0.0
-    for ref, new in zip(reference, candidate):
-        for name, r in ref.items():
-            n = new[name]
-            if looks_like_class_scores(r):
-                p, q = _log_softmax(r), _log_softmax(n)
-                total += float(np.mean(np.sum(np.exp(p) * (p - q), axis=1)))
-            else:
-                r64 = r.astype(np.float64)
-                total += float(np.sum((r64 - n) ** 2) / max(np.sum(r64**2), 1e-30))
-    return total / max(len(reference), 1)
-
-
-def _log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float64)
-    x = x - x.max(axis=1, keepdims=True)
-    return x - np.log(np.exp(x).sum(axis=1, keepdims=True))
