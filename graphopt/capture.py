@@ -203,7 +203,7 @@ class TensorStats:
         if self.top is None:  # zeros only: they sit in the first positive bucket at any top
             self.hist[self._half] += x.size
             return
-        m, k, p, top = self.per_octave, self.octaves, self._p, self.top
+        k, p, top = self.octaves, self._p, self.top
         if top - k < -126:  # tiny values (max below ~1e-29): the float32 tricks below fail among subnormals
             y = np.abs(x.astype(float))
             y = np.where(sign < 0, np.nextafter(y, 0.0), y)
@@ -503,7 +503,6 @@ def collect_stats(model, tensors: Iterable[str], samples, *, settings: RuntimeSe
     produced = {o for n in graph.node for o in n.output if o}
     inputs = {i.name for i in graph.input}
     inits = model.initializers()
-    outputs = {o.name for o in graph.output}
 
     result = StatsMap()
     fetch, from_feed = [], []
@@ -559,7 +558,8 @@ def stream_tensors(model: Model, names: list[str], samples, *, settings: Runtime
         augmented = model.copy()
         for name in names:
             if name not in outputs:
-                elem = helper.np_dtype_to_tensor_dtype(np.dtype(infos[name].dtype))
+                dtype = infos[name].dtype if name in infos and infos[name].dtype else "float32"
+                elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
                 augmented.graph.output.append(helper.make_tensor_value_info(name, elem, None))
         session = make_session(augmented, settings)
         del augmented

@@ -147,3 +147,25 @@ class Tolerance:
         """Exact rewrites: the strict defaults. Lossy passes (their own budgets set the quality): only a guard
         that catches a broken result (cosine at least 0.9, no new NaN/Inf); tighten it with --max-error etc."""
         return cls(max_rel_l2=None, min_cosine=0.9) if lossy else cls()
+
+
+def output_distortion(reference: list[dict], candidate: list[dict]) -> float:
+    """How far a compressed model's outputs are from the original's, as the lossy passes score options: mean
+    KL(softmax(ref) || softmax(new)) for class scores, else normalised MSE, summed over outputs, averaged over
+    feeds."""
+    total = 0.0
+    for ref, new in zip(reference, candidate):
+        for name, r in ref.items():
+            r64, n64 = r.astype(np.float64), new[name].astype(np.float64)
+            if looks_like_class_scores(r):
+                p, q = _log_softmax(r64), _log_softmax(n64)
+                total += float(np.mean(np.sum(np.exp(p) * (p - q), axis=1)))
+            else:
+                total += float(np.sum((r64 - n64) ** 2) / max(np.sum(r64**2), 1e-30))
+    return total / max(len(reference), 1)
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x - x.max(axis=1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=1, keepdims=True))
+

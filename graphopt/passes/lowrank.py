@@ -28,7 +28,7 @@ from ..errors import UsageError
 from ..lowrank import METHODS, Spectrum, single_threaded_blas, breakeven_rank, decompose, factored_params, max_useful_rank
 from ..lowrank_rewrite import Site, collect_grams, find_sites, micro_site, rewrite, site_model, weight_matrix
 from ..model import Model
-from ..numerics import looks_like_class_scores
+from ..numerics import output_distortion
 from ..runtime import make_session, measure_latencies, run
 from .base import Context, Decision, Pass, PassResult, register
 
@@ -393,21 +393,3 @@ def _round_up(r: int, mult: int, cap: int) -> int:
 
 def _ranks_of(allocation) -> dict[str, int]:
     return {n: int(o.label.split("=")[1]) for n, o in allocation.choice.items() if o.label != "original"}
-
-
-def output_distortion(reference: list[dict], candidate: list[dict]) -> float:
-    """Mean KL(softmax(ref) || softmax(new)) for class scores, else normalised MSE, summed over outputs (the
-    same measure as the qdq pass's sensitivities, so both passes' distortions read alike)."""
-    total = 0.0
-    for ref, new in zip(reference, candidate):
-        for name, r in ref.items():
-            r64, n64 = r.astype(np.float64), new[name].astype(np.float64)
-            if looks_like_class_scores(r):
-                p = r64 - r64.max(axis=1, keepdims=True)
-                p -= np.log(np.exp(p).sum(axis=1, keepdims=True))
-                q = n64 - n64.max(axis=1, keepdims=True)
-                q -= np.log(np.exp(q).sum(axis=1, keepdims=True))
-                total += float(np.mean(np.sum(np.exp(p) * (p - q), axis=1)))
-            else:
-                total += float(np.sum((r64 - n64) ** 2) / max(np.sum(r64**2), 1e-30))
-    return total / max(len(reference), 1)

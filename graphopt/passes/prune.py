@@ -16,14 +16,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import onnx
 from onnx import helper, numpy_helper
 
 from ..allocate import BudgetInfeasible, Option, Site, allocate
+from ..capture import stream_tensors
 from ..channel_groups import ChannelGroups, analyse
 from ..errors import UsageError
 from ..model import Model
-from ..numerics import looks_like_class_scores
+from ..numerics import output_distortion
 from ..prune_build import build, positions
 from ..runtime import make_session, measure_latencies, run
 from .base import Context, Decision, Pass, PassResult, register
@@ -162,7 +162,7 @@ class Prune(Pass):
             out[g.id] = {g.size: 0.0}
             for k in options[g.id][1:]:
                 candidate = build(model, cg, {g.id: _kept(order[g.id], g.block, k)}, fill)
-                out[g.id][k] = _distortion(reference, run(make_session(candidate, ctx.runtime), probe))
+                out[g.id][k] = output_distortion(reference, run(make_session(candidate, ctx.runtime), probe))
             # a bigger cut never costs less: keep the curve monotone against measurement noise
             ks = sorted(out[g.id], reverse=True)
             for a, b in zip(ks, ks[1:]):
@@ -364,38 +364,11 @@ def _activation_stats(model: Model, cg: ChannelGroups, prunable, feeds, ctx) -> 
     return {t: {"mean": s[0] / s[2], "abs": s[1] / s[2], "consumers": wanted[t]} for t, s in sums.items()}
 
 
-def stream(model: Model, tensors: list[str], feeds, fn, ctx, extra_model: Model | None = None) -> None:
+def stream(model: Model, tensors: list[str], feeds, fn, ctx) -> None:
     """Run `model` on each feed with `tensors` as extra outputs and hand them to fn, one feed at a time."""
-    if not tensors:
-        return
-    aug = model.copy()
-    outputs = {o.name for o in aug.graph.output}
-    for t in tensors:
-        if t not in outputs:
-            aug.graph.output.append(helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None))
-    session = make_session(aug, ctx.runtime)
-    del aug
-    for feed in feeds:
-        values = session.run(tensors, feed)
-        fn(dict(zip(tensors, values)))
-
-
-def _distortion(reference: list[dict], candidate: list[dict]) -> float:
-    """Mean KL(softmax(ref) || softmax(new)) for class scores, else relative squared error, summed over outputs."""
-    total = 0.0
-    for ref, new in zip(reference, candidate):
-        for name, r in ref.items():
-            n = new[name].astype(np.float64)
-            r = r.astype(np.float64)
-            if looks_like_class_scores(r):
-                p = r - r.max(axis=1, keepdims=True)
-                p -= np.log(np.exp(p).sum(axis=1, keepdims=True))
-                q = n - n.max(axis=1, keepdims=True)
-                q -= np.log(np.exp(q).sum(axis=1, keepdims=True))
-                total += float(np.mean(np.sum(np.exp(p) * (p - q), axis=1)))
-            else:
-                total += float(np.sum((r - n) ** 2) / max(np.sum(r ** 2), 1e-30))
-    return total / max(len(reference), 1)
+    if tensors:
+        for _, values in stream_tensors(model, tensors, feeds, settings=ctx.runtime):
+            fn(values)
 
 
 # ------------------------------------------------------------------------------------------------------ costs
@@ -512,17 +485,16 @@ def refit(original: Model, pruned: Model, cg: ChannelGroups, keep, feeds, ctx, r
         ata = aty = None
         count = 0
         per_sample = max(16, rows // max(len(feeds), 1))
-        orig_sess_vals = []
-        stream(original, [y_orig], feeds, lambda v: orig_sess_vals.append(v[y_orig]), ctx)
-        xs = []
-        stream(current, [x_new], feeds, lambda v: xs.append(v[x_new]), ctx)
-        for x, y in zip(xs, orig_sess_vals):
+        targets: list[np.ndarray] = []
+        stream(original, [y_orig], feeds, lambda v: targets.append(v[y_orig]), ctx)
+        inputs: list[np.ndarray] = []
+        stream(current, [x_new], feeds, lambda v: inputs.append(v[x_new]), ctx)
+        for x, y in zip(inputs, targets):
             a, t = _design(node, new_node, current, x, y, out_pos, rng, per_sample)
             a = np.hstack([a, np.ones((a.shape[0], 1))])
             ata = a.T @ a if ata is None else ata + a.T @ a
             aty = a.T @ t if aty is None else aty + a.T @ t
             count += a.shape[0]
-        del xs, orig_sess_vals
         current = _apply_fit(current, new_node.name, ata, aty, ridge)
     return current
 
