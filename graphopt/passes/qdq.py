@@ -90,7 +90,7 @@ class QDQ(Pass):
                                                                 f"opset {model.opset} < {MIN_OPSET}")])
         decisions = []
         if self.int4 and model.opset < INT4_OPSET:
-            model = to_opset(model, INT4_OPSET)  # ValueError (a usage error) if onnx cannot convert it
+            model = to_opset(model, INT4_OPSET)  # if onnx cannot convert it, the pipeline rolls back with why
             decisions.append(Decision("model", f"opset {INT4_OPSET}", "converted for int4 DequantizeLinear"))
         sites = find_sites(model)
         usable = [s for s in sites if not s.reason]
