@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import os
 import platform
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import onnxruntime as ort
 
 from ._version import __version__
+from .files import write_text_atomic
 from .numerics import OutputMetrics, Tolerance
 from .passes.base import Decision
 from .runtime import Latency, RuntimeSettings
@@ -174,18 +174,6 @@ def _delta(b: float, a: float) -> str:
 
 def _mb(n: int) -> str:
     return f"{n / 1e6:.3f} MB"
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 __all__ = ["Report", "PassRecord", "ModelStats", "machine", "write_text_atomic"]

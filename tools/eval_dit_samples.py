@@ -35,6 +35,7 @@ import torch  # noqa: E402
 
 from bench.datasets import FASHION_CLASSES, fashion_normalize  # noqa: E402
 from models import dit, dit_sampler, fashion_resnet  # noqa: E402
+from graphopt.files import write_atomic  # noqa: E402
 
 
 def export_dit(model: torch.nn.Module, path: str) -> None:
@@ -50,10 +51,8 @@ def export_dit(model: torch.nn.Module, path: str) -> None:
 
 def write_png(path: Path, gray: np.ndarray) -> None:
     """8-bit grayscale PNG, atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".png")
-    os.close(fd)
-    try:
+
+    def writer(tmp: str) -> None:
         try:
             from PIL import Image
 
@@ -68,14 +67,8 @@ def write_png(path: Path, gray: np.ndarray) -> None:
             with open(tmp, "wb") as f:
                 f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0))
                         + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+
+    write_atomic(path, writer)
 
 
 def grid_image(samples_u8: np.ndarray, rows: int, cols: int, scale: int = 2, gap: int = 2) -> np.ndarray:

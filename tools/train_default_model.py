@@ -27,7 +27,6 @@ import gzip
 import os
 import random
 import sys
-import tempfile
 import time
 import warnings
 
@@ -35,6 +34,8 @@ import numpy as np
 import torch
 from torch import nn
 import torch.nn.functional as F
+
+from graphopt.files import write_atomic
 
 DATA_DIR = "/usr/share/datasets/fashion-mnist"
 MEAN = 0.2860
@@ -137,28 +138,6 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int,
               flush=True)
 
 
-def _tmp_in(dirname: str, suffix: str) -> str:
-    fd, tmp = tempfile.mkstemp(dir=dirname, prefix=".tmp-", suffix=suffix)
-    os.close(fd)
-    # mkstemp creates 0600; give the final file the usual umask-based mode.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    return tmp
-
-
-def atomic_write(path: str, writer, suffix: str = "") -> None:
-    """Call writer(tmp_path), then os.replace(tmp_path, path)."""
-    tmp = _tmp_in(os.path.dirname(os.path.abspath(path)), suffix)
-    try:
-        writer(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def export_onnx(model: nn.Module, example: torch.Tensor, path: str) -> None:
     model.eval()
 
@@ -179,7 +158,7 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str) -> None:
             dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
         )
 
-    atomic_write(path, writer, suffix=".onnx")
+    write_atomic(path, writer)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -234,8 +213,8 @@ def main(argv: list[str] | None = None) -> int:
         with open(tmp, "wb") as f:
             np.save(f, bundled_lbl)
 
-    atomic_write(npz_path, write_npz, suffix=".npz")
-    atomic_write(lbl_path, write_npy, suffix=".npy")
+    write_atomic(npz_path, write_npz)
+    write_atomic(lbl_path, write_npy)
 
     # --- verify with onnx / onnxruntime ------------------------------------
     import onnx

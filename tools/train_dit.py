@@ -23,10 +23,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
 import random
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -42,6 +40,7 @@ import torch.nn.functional as F  # noqa: E402
 from bench.datasets import fashion_mnist  # noqa: E402
 from models import dit_sampler  # noqa: E402
 from models.dit import NULL_CLASS, WEIGHTS, DiT  # noqa: E402
+from graphopt.files import write_atomic  # noqa: E402
 
 SEED = 20261122
 FP16_ABOVE_BYTES = 8 * 1024 * 1024
@@ -54,19 +53,7 @@ def seed_everything(seed: int) -> None:
 
 
 def atomic_save(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_atomic(path, lambda tmp: torch.save(obj, tmp))
 
 
 def checkpoint_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -39,6 +39,7 @@ from torch import nn  # noqa: E402
 
 from bench.datasets import FASHION_MEAN, FASHION_STD, fashion_mnist, fashion_normalize  # noqa: E402
 from models.fashion_resnet import WEIGHTS, FashionResNet  # noqa: E402
+from graphopt.files import write_atomic  # noqa: E402
 
 SEED = 20261122
 PAD = 2
@@ -71,19 +72,7 @@ def predict(model: nn.Module, x: torch.Tensor, batch: int = 1000) -> torch.Tenso
 
 
 def atomic_save(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_atomic(path, lambda tmp: torch.save(obj, tmp))
 
 
 def lr_at(progress: float, peak: float, warm: float = 0.2) -> float:

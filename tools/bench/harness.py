@@ -305,7 +305,6 @@ def render(result: Result, level: int = 2) -> str:
 
 
 def write_atomic(path: Path, text: str) -> None:
-    from graphopt.report import write_text_atomic
+    from graphopt.files import write_text_atomic
 
-    path.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(path, text)
