@@ -15,14 +15,14 @@ from pathlib import Path
 from rich.console import Console
 
 from . import __version__
-from .calibration import parse_shapes, prepare_inputs
-from .allocate import BudgetInfeasible
-from .errors import GraphoptError, InputError, UsageError, VerificationError
-from .model import Model
-from .numerics import Tolerance, compare_outputs
+from .core.calibration import latency_feed, parse_shapes, prepare_inputs
+from .analysis.allocate import BudgetInfeasible
+from .core.errors import GraphoptError, InputError, UsageError, VerificationError
+from .core.model import Model
+from .core.numerics import Tolerance, class_score_outputs, compare_outputs
 from .passes import DEFAULT_RECIPE, REGISTRY, Context, create, parse_pass_spec
 from .recipe import load_recipe
-from .runtime import RuntimeSettings, make_session, measure_latency, run
+from .core.runtime import RuntimeSettings, make_session, measure_latency, run
 
 EXAMPLES = """\
 examples:
@@ -75,6 +75,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="register a shared library with onnxruntime for custom-domain ops, repeatable")
         p.add_argument("--seed", type=int, default=0)
 
+    def latency_args(p):
+        p.add_argument("--latency-batch", type=int, default=1, metavar="N",
+                       help="measure every latency (budgets, searches, the report) with N rows on a dynamic batch "
+                            "axis (default 1)")
+        p.add_argument("--latency-shape", action="append", default=[], metavar="NAME=SHAPE",
+                       help="measure latency at exactly this input shape, e.g. input_ids=16x128 (repeatable)")
+
     def tolerance_args(p):
         p.add_argument("--max-error", type=float, metavar="X",
                        help="largest relative L2 error per output (default 1e-4 for exact passes; lossy passes "
@@ -83,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--min-cosine", type=float, metavar="X", help="smallest cosine similarity per output")
         p.add_argument("--min-agreement", type=float, metavar="X",
                        help="smallest top-1 agreement for class-score outputs (0..1)")
+        p.add_argument("--output-kind", action="append", default=[], metavar="NAME=scores|other",
+                       help="say whether an output is class scores (top-1 agreement and KL apply) or not; by "
+                            "default decided from its name, shape and the op producing it")
 
     opt = sub.add_parser("optimize", help="run passes and write a verified model", epilog=EXAMPLES,
                          formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -97,7 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--max-size-mb", type=float, metavar="MB",
                      help="size budget for the passes that take one (qdq): the output at most MB megabytes")
     inputs_args(opt)
+    latency_args(opt)
     tolerance_args(opt)
+    opt.add_argument("--allow-few-samples", action="store_true",
+                     help="let a lossy run go on with a single input sample (fit, selection and verification "
+                          "then all read it)")
     opt.add_argument("--report", metavar="FILE.json", help="write the full report as JSON")
     opt.add_argument("--force", action="store_true", help="write the output even if verification fails")
     opt.add_argument("--overwrite", action="store_true", help="replace an existing output file")
@@ -119,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="measure onnxruntime latency")
     bench.add_argument("model")
     inputs_args(bench)
+    latency_args(bench)
     bench.add_argument("--warmup", type=int, default=10)
     bench.add_argument("--repeats", type=int, default=100)
 
@@ -201,6 +216,22 @@ def _tolerance(args, base: dict | None = None) -> Tolerance | None:
     return Tolerance(**fields) if fields else None
 
 
+def _latency(args) -> dict:
+    if args.latency_batch < 1:
+        raise UsageError("--latency-batch must be at least 1")
+    return {"latency_batch": args.latency_batch, "latency_shapes": parse_shapes(args.latency_shape, "--latency-shape")}
+
+
+def _output_kinds(args) -> dict[str, str]:
+    kinds = {}
+    for item in args.output_kind:
+        name, eq, kind = item.partition("=")
+        if not eq or not name:
+            raise UsageError(f"--output-kind {item!r}: expected NAME=scores or NAME=other")
+        kinds[name] = kind
+    return kinds
+
+
 def _inputs(args, model: Model):
     if args.batch_size is not None and args.batch_size < 1:
         raise UsageError("--batch-size must be at least 1")
@@ -245,8 +276,10 @@ def cmd_optimize(args) -> int:
     inputs = _inputs(args, model)
     if inputs.synthetic:
         say("no --calib given: verifying on synthetic random inputs")
-    ctx = Context(inputs=inputs, runtime=runtime, seed=args.seed, progress=say)
-    optimized, report = Pipeline(passes, tolerance, not args.no_latency, args.strict).run(model, ctx)
+    ctx = Context(inputs=inputs, runtime=runtime, seed=args.seed, progress=say, **_latency(args),
+                  output_kinds=_output_kinds(args))
+    optimized, report = Pipeline(passes, tolerance, not args.no_latency, args.strict,
+                                 args.allow_few_samples).run(model, ctx)
 
     console = Console(highlight=False)
     report.render(console)
@@ -334,7 +367,7 @@ def inspect_model(model: Model) -> dict:
 
 
 def _channel_groups(model: Model) -> list[dict]:
-    from .channel_groups import analyse
+    from .analysis.channel_groups import analyse
 
     try:
         return analyse(model).summary()
@@ -351,9 +384,10 @@ def cmd_compare(args) -> int:
         raise InputError(f"the models take different inputs: {a.input_names()} vs {b.input_names()}")
     runtime = _runtime(args)
     inputs = _inputs(args, a)
-    feeds = inputs.calibration + inputs.validation
+    feeds = inputs.fit + inputs.selection + inputs.verification  # nothing was fitted: compare on every sample
+    scores = class_score_outputs(a, _output_kinds(args))
     try:
-        metrics = compare_outputs(run(make_session(a, runtime), feeds), run(make_session(b, runtime), feeds))
+        metrics = compare_outputs(run(make_session(a, runtime), feeds), run(make_session(b, runtime), feeds), scores)
     except ValueError as exc:
         raise InputError(str(exc)) from None
     table = Table(title=f"{args.model_b} vs {args.model_a} on {len(feeds)} samples"
@@ -379,9 +413,12 @@ def cmd_bench(args) -> int:
     runtime = _runtime(args)
     inputs = _inputs(args, model)
     session = make_session(model, runtime)
-    lat = measure_latency(session, inputs.validation[0], warmup=args.warmup, repeats=args.repeats,
+    lat_args = _latency(args)
+    feed = latency_feed(model, inputs.fit or inputs.verification, batch=lat_args["latency_batch"],
+                        shapes=lat_args["latency_shapes"])
+    lat = measure_latency(session, feed, warmup=args.warmup, repeats=args.repeats,
                           max_seconds=60.0, threads=runtime.intra_op_threads)
-    shapes = ", ".join(f"{k}={'x'.join(map(str, v.shape))}" for k, v in inputs.validation[0].items())
+    shapes = ", ".join(f"{k}={'x'.join(map(str, v.shape))}" for k, v in feed.items())
     print(f"{args.model}: median {lat.median_ms:.3f} ms, p90 {lat.p90_ms:.3f} ms, mean {lat.mean_ms:.3f} ms "
           f"over {lat.runs} runs ({lat.threads} threads, inputs {shapes})")
     return 0

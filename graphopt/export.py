@@ -49,10 +49,10 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from .errors import InputError, UsageError, VerificationError
-from .model import MIN_OPSET, Model
-from .numerics import compare_outputs
-from .runtime import RuntimeSettings, make_session, run
+from .core.errors import InputError, UsageError, VerificationError
+from .core.model import MIN_OPSET, Model
+from .core.numerics import compare_outputs
+from .core.runtime import RuntimeSettings, make_session, run
 
 DEFAULT_OPSET = 17
 DEFAULT_ATOL = 1e-4

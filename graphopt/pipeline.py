@@ -1,73 +1,136 @@
-"""Run passes in order, verify each result in onnxruntime against the original, roll back what breaks it."""
+"""Run passes in order, verify each result in onnxruntime, roll back what breaks it, and verify the end result
+against the original with the user's bound.
+
+Two levels of checks:
+- each pass against its own input, with its own bound: an exact pass keeps the strict default (relative L2
+  <= 1e-4) in any pipeline; a lossy pass gets the guard (cosine >= 0.9, relative L2 <= 0.45); when the user
+  gave bounds, a pass must also keep the model within them against the original, else it is rolled back;
+- the end result against the original, with the user's bound (default: strict when every pass is exact, the
+  guard otherwise).
+Both run on the *verification* samples, which no pass reads; per-pass checks on up to 32 of them, the final
+check on all. Models with dynamic dims are also checked at a second size (see second_size_feeds).
+"""
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass
 
 import onnx
 
-from .calibration import InputSet
-from .errors import GraphoptError, InputError, UsageError, VerificationError
-from .model import Model
-from .numerics import OutputMetrics, Tolerance, compare_outputs
-from .passes.base import Context, Pass, PassResult
+from .core.calibration import InputSet, describe_feed, second_size_feeds
+from .core.errors import GraphoptError, InputError, UsageError, VerificationError
+from .core.model import Model
+from .core.numerics import OutputMetrics, Tolerance, compare_outputs
+from .core.runtime import make_session, measure_latencies
+from .passes.base import DEFAULT_VERIFIER, Context, Pass, PassResult, Verifier
 from .report import ModelStats, PassRecord, Report
-from .runtime import make_session, measure_latencies, run
 
-MAX_VERIFY_SAMPLES_PER_PASS = 32  # per-pass checks use a subset; the final check uses every validation sample
+MAX_VERIFY_SAMPLES_PER_PASS = 32  # per-pass checks use a subset; the final check uses every verification sample
+MIN_VERIFICATION_SAMPLES = 16  # below this a lossy run warns: its figures rest on too few samples
 
 
 @dataclass
 class Pipeline:
     passes: list[Pass]
-    tolerance: Tolerance | None = None  # None: strict for exact passes, a guard when any pass is lossy
+    tolerance: Tolerance | None = None  # the user's bound on the end result; None: strict, or the lossy guard
     measure_latency: bool = True
     strict: bool = False  # a pass that fails verification fails the run instead of being rolled back
+    allow_few_samples: bool = False  # let a lossy run verify on a single sample (which the passes also read)
 
     def __post_init__(self):
         for p in self.passes:
             if not isinstance(p, Pass):
                 raise UsageError(f"{p!r} is not a graphopt pass")
-        if self.tolerance is None:
-            self.tolerance = Tolerance.default_for(lossy=any(not p.exact for p in self.passes))
+        if self.tolerance is not None and not self.tolerance.is_set():
+            self.tolerance = None
+
+    @property
+    def lossy(self) -> bool:
+        return any(not p.exact for p in self.passes)
+
+    def final_tolerance(self) -> Tolerance:
+        return self.tolerance or Tolerance.default_for(lossy=self.lossy)
 
     def run(self, model: Model, ctx: Context) -> tuple[Model, Report]:
-        if ctx.inputs is None or not ctx.inputs.validation:
+        inputs = ctx.inputs
+        if inputs is None or not inputs.verification:
             raise UsageError("the pipeline needs inputs to verify against (Context.inputs)")
         started = time.perf_counter()
-        validation = ctx.inputs.validation
-        ctx.progress(f"running the original model on {len(validation)} validation samples")
-        original_session = _session_or_error(model, ctx, "the input model")
-        reference = run(original_session, validation)
-        report = Report(before=ModelStats.of(model), tolerance=self.tolerance, inputs=_describe(ctx.inputs),
-                        runtime=ctx.runtime)
+        warnings = self._check_samples(inputs)
+        for w in warnings:
+            print(f"graphopt: warning: {w}", file=sys.stderr)
+        tolerance = self.final_tolerance()
+        scores = ctx.class_scores(model)
+        if tolerance.min_top1_agreement is not None and not scores:
+            raise UsageError(f"--min-agreement needs a class-score output, and {', '.join(model.output_names())} "
+                             "is not one (say --output-kind NAME=scores if it is, or bound --min-cosine/--max-error)")
 
-        current = model
+        verification = inputs.verification
+        resized, resized_note = second_size_feeds(model, verification)
+        _session_or_error(model, ctx, "the input model")
+        ctx.progress(f"running the original model on {len(verification)} verification samples"
+                     + (f" (and {len(resized)} at a second size: {resized_note})" if resized else ""))
+        checks = _Checks(ctx, scores, verification, resized, model)
+        original = checks.outputs(model, DEFAULT_VERIFIER)
+        if resized and original.resized is None:
+            resized_note = f"skipped: the original model does not run at {resized_note}"
+            checks.resized = []
+        report = Report(before=ModelStats.of(model), tolerance=tolerance, inputs=inputs.counts(),
+                        runtime=ctx.runtime, warnings=warnings)
+        report.inputs["second_size"] = resized_note if checks.resized else f"none ({resized_note})"
+
+        current, current_out = model, original
         for i, p in enumerate(self.passes, 1):
             ctx.progress(f"[{i}/{len(self.passes)}] {p}")
-            record, current = self._apply(p, current, ctx, validation[:MAX_VERIFY_SAMPLES_PER_PASS],
-                                          reference[:MAX_VERIFY_SAMPLES_PER_PASS])
+            record, current, current_out = self._apply(p, current, current_out, model, checks, ctx)
             report.passes.append(record)
             if record.status == "rolled back" and self.strict:
                 raise VerificationError(f"pass {p.name} failed verification: {record.reason}")
 
-        ctx.progress("verifying the final model on every validation sample")
-        final_session = make_session(current, ctx.runtime)
-        report.metrics = compare_outputs(reference, run(final_session, validation))
-        report.violations = self.tolerance.violations(report.metrics)
+        verifier = next((p.verifier() for p in reversed(self.passes)
+                         if p.verifier() is not DEFAULT_VERIFIER and _applied(report, p)), DEFAULT_VERIFIER)
+        ctx.progress(f"verifying the final model on every verification sample ({verifier.name})")
+        report.metrics = checks.compare(model, current, verifier, limit=None)
+        report.violations = tolerance.violations(report.metrics)
+        lossy = [r for p, r in zip(self.passes, report.passes) if not p.exact]
+        if lossy and not any(r.status == "applied" for r in lossy) and any(r.status == "rolled back" for r in lossy):
+            report.violations.append("every lossy pass asked for was rolled back ("
+                                     + "; ".join(f"{r.name}: {r.reason}" for r in lossy) + "): the model is unchanged")
         report.after = ModelStats.of(current)
         if self.measure_latency:
-            ctx.progress("measuring latency (original, then optimized)")
+            feed = ctx.latency_feed(model)
+            report.latency_shape = describe_feed(feed)
+            ctx.progress("measuring latency (original, then optimized) at "
+                         + ", ".join(f"{k} {'x'.join(map(str, v))}" for k, v in report.latency_shape.items()))
             report.latency_before, report.latency_after = measure_latencies(
-                [original_session, final_session], validation[0], threads=ctx.runtime.intra_op_threads)
+                [make_session(model, ctx.runtime), make_session(current, ctx.runtime)], feed,
+                threads=ctx.runtime.intra_op_threads)
         report.seconds = time.perf_counter() - started
         applied = [str(r.spec) for r in report.passes if r.status == "applied"]
         return current.with_provenance(applied), report
 
-    def _apply(self, p: Pass, model: Model, ctx: Context, feeds, reference) -> tuple[PassRecord, Model]:
+    def _check_samples(self, inputs: InputSet) -> list[str]:
+        if not self.lossy:
+            return []
+        if inputs.overlapping and not self.allow_few_samples:
+            raise UsageError("a lossy pass needs more than one input sample: with one, the passes would fit, select "
+                             "and be verified on the same sample (give more with --calib, or say "
+                             "--allow-few-samples to accept that)")
+        warnings = []
+        if inputs.overlapping:
+            warnings.append("one input sample: fitting, selection and verification all used it (--allow-few-samples)")
+        elif len(inputs.verification) < MIN_VERIFICATION_SAMPLES:
+            warnings.append(f"only {len(inputs.verification)} verification samples (fewer than "
+                            f"{MIN_VERIFICATION_SAMPLES}): the reported figures are rough; give more inputs")
+        if inputs.synthetic:
+            warnings.append("synthetic random inputs: a lossy pass's figures on them say little about real data")
+        return warnings
+
+    def _apply(self, p: Pass, model: Model, model_out, original: Model, checks: "_Checks", ctx: Context):
         t0 = time.perf_counter()
-        record = PassRecord(name=p.name, spec=str(p))
+        record = PassRecord(name=p.name, spec=str(p), exact=p.exact)
         try:
             result: PassResult = p.run(model, ctx)
         except GraphoptError:  # deliberate: bad parameters, bad input, a budget out of reach
@@ -75,40 +138,104 @@ class Pipeline:
         except Exception as exc:  # a pass bug must not cost the user the other passes' work
             record.status, record.reason = "rolled back", f"pass raised {type(exc).__name__}: {exc}"
             record.seconds = time.perf_counter() - t0
-            return record, model
+            return record, model, model_out
         record.counters, record.decisions, record.details = result.counters, result.decisions, result.details
         if not result.changed:
             record.status = "unchanged"
             record.seconds = time.perf_counter() - t0
-            return record, model
-        problem, metrics = _verify(result.model, ctx, feeds, reference, self.tolerance)
-        record.metrics = metrics
+            return record, model, model_out
+        own = p.tolerance()
+        record.tolerance = own.describe()
+        problem, candidate_out = checks.validate(result.model)
+        if not problem:
+            verifier = p.verifier()
+            if verifier is DEFAULT_VERIFIER:
+                record.metrics = checks.compare_outputs(model_out, candidate_out)
+            else:
+                record.metrics = checks.compare(model, result.model, verifier)
+            problem = "; ".join(own.violations(record.metrics))
+        if not problem and self.tolerance is not None:
+            # the user's bound is on the end result: a pass that already breaks it is not kept
+            against = checks.compare(original, result.model, p.verifier())
+            record.metrics_vs_original = against
+            problem = "; ".join(f"against the original: {v}" for v in self.tolerance.violations(against))
         record.seconds = time.perf_counter() - t0
         if problem:
             record.status, record.reason = "rolled back", problem
-            return record, model
+            return record, model, model_out
         record.status = "applied"
-        return record, result.model
+        return record, result.model, candidate_out
 
 
-def _verify(candidate: Model, ctx: Context, feeds, reference, tolerance: Tolerance
-            ) -> tuple[str, list[OutputMetrics]]:
-    """Empty string when the candidate is valid ONNX, runs in ORT and stays within tolerance; else why not."""
-    try:
-        if candidate.byte_size() < 2**31:
-            onnx.checker.check_model(candidate.proto)
-    except onnx.checker.ValidationError as exc:
-        return f"onnx.checker rejected the result: {str(exc).strip().splitlines()[0]}", []
-    try:
-        session = make_session(candidate, ctx.runtime)
-        outputs = run(session, feeds)
-        metrics = compare_outputs(reference, outputs)
-    except (GraphoptError, ValueError) as exc:
-        return f"the result does not run in onnxruntime: {exc}", []
-    except Exception as exc:  # ORT session creation errors
-        return f"onnxruntime rejected the result: {str(exc).strip().splitlines()[0]}", []
-    violations = tolerance.violations(metrics)
-    return ("; ".join(violations), metrics) if violations else ("", metrics)
+def _applied(report: Report, p: Pass) -> bool:
+    return any(r.spec == str(p) and r.status == "applied" for r in report.passes)
+
+
+@dataclass
+class _Outputs:
+    main: list  # per verification feed (up to the per-pass limit)
+    resized: list | None  # per second-size feed; None when the model did not run on them
+
+
+class _Checks:
+    """Runs models on the verification feeds (and the second-size feeds) and compares them."""
+
+    def __init__(self, ctx: Context, scores, feeds, resized, original: Model):
+        self.ctx, self.scores, self.feeds, self.resized, self.original = ctx, scores, feeds, resized, original
+        self._original_outputs: dict = {}  # (verifier, limit) -> the original's outputs, computed once
+
+    def outputs(self, model: Model, verifier: Verifier, limit: int | None = MAX_VERIFY_SAMPLES_PER_PASS) -> _Outputs:
+        main = verifier.outputs(model, self.feeds[:limit], self.ctx)
+        resized = None
+        if self.resized:
+            try:
+                resized = verifier.outputs(model, self.resized, self.ctx)
+            except Exception:  # the caller decides what a model that cannot take the second size means
+                resized = None
+        return _Outputs(main, resized)
+
+    def validate(self, candidate: Model) -> tuple[str, _Outputs | None]:
+        """Empty string when the candidate is valid ONNX and runs in ORT on both sizes; else why not."""
+        try:
+            if candidate.byte_size() < 2**31:
+                onnx.checker.check_model(candidate.proto)
+        except onnx.checker.ValidationError as exc:
+            return f"onnx.checker rejected the result: {str(exc).strip().splitlines()[0]}", None
+        try:
+            make_session(candidate, self.ctx.runtime)
+            out = self.outputs(candidate, DEFAULT_VERIFIER)
+        except (GraphoptError, ValueError) as exc:
+            return f"the result does not run in onnxruntime: {exc}", None
+        except Exception as exc:  # ORT session creation errors
+            return f"onnxruntime rejected the result: {str(exc).strip().splitlines()[0]}", None
+        if self.resized and out.resized is None:
+            return f"the result does not run at a second input size ({_shapes(self.resized[0])})", None
+        return "", out
+
+    def compare_outputs(self, reference: _Outputs, candidate: _Outputs) -> list[OutputMetrics]:
+        metrics = compare_outputs(reference.main, candidate.main, self.scores)
+        if self.resized and reference.resized is not None and candidate.resized is not None:
+            metrics += compare_outputs(reference.resized, candidate.resized, self.scores,
+                                       suffix=f" @ {_shapes(self.resized[0])}")
+        return metrics
+
+    def compare(self, reference: Model, candidate: Model, verifier: Verifier,
+                limit: int | None = MAX_VERIFY_SAMPLES_PER_PASS) -> list[OutputMetrics]:
+        if reference is self.original:
+            key = (verifier.name, limit)
+            if key not in self._original_outputs:
+                self._original_outputs[key] = self.outputs(reference, verifier, limit)
+            ref = self._original_outputs[key]
+        else:
+            ref = self.outputs(reference, verifier, limit)
+        try:
+            return self.compare_outputs(ref, self.outputs(candidate, verifier, limit))
+        except ValueError as exc:
+            raise VerificationError(f"cannot compare the outputs: {exc}") from None
+
+
+def _shapes(feed) -> str:
+    return ", ".join(f"{k} {'x'.join(map(str, v.shape))}" for k, v in feed.items())
 
 
 def _session_or_error(model: Model, ctx: Context, what: str):
@@ -116,8 +243,3 @@ def _session_or_error(model: Model, ctx: Context, what: str):
         return make_session(model, ctx.runtime)
     except Exception as exc:
         raise InputError(f"onnxruntime cannot load {what}: {str(exc).strip().splitlines()[0]}") from None
-
-
-def _describe(inputs: InputSet) -> dict:
-    return {"calibration_samples": len(inputs.calibration), "validation_samples": len(inputs.validation),
-            "synthetic": inputs.synthetic}

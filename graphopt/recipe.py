@@ -15,7 +15,7 @@ from __future__ import annotations
 import tomllib
 from pathlib import Path
 
-from .errors import InputError, UsageError
+from .core.errors import InputError, UsageError
 from .passes.base import Pass, create
 
 VERIFY_KEYS = {"max_error": "max_rel_l2", "max_abs_error": "max_abs", "min_cosine": "min_cosine",

@@ -11,10 +11,10 @@ from pathlib import Path
 import onnxruntime as ort
 
 from ._version import __version__
-from .files import write_text_atomic
-from .numerics import OutputMetrics, Tolerance
+from .core.files import write_text_atomic
+from .core.numerics import OutputMetrics, Tolerance
 from .passes.base import Decision
-from .runtime import Latency, RuntimeSettings
+from .core.runtime import Latency, RuntimeSettings
 
 
 @dataclass
@@ -36,17 +36,22 @@ class PassRecord:
     spec: str
     status: str = "pending"  # applied | unchanged | rolled back
     reason: str = ""
+    exact: bool = True
+    tolerance: str = ""  # the bound it was held to against its own input
     seconds: float = 0.0
     counters: dict = field(default_factory=dict)
     decisions: list[Decision] = field(default_factory=list)
     details: dict = field(default_factory=dict)
-    metrics: list[OutputMetrics] = field(default_factory=list)
+    metrics: list[OutputMetrics] = field(default_factory=list)  # against its own input
+    metrics_vs_original: list[OutputMetrics] = field(default_factory=list)  # when the user set bounds
 
     def to_dict(self) -> dict:
         return {"name": self.name, "spec": self.spec, "status": self.status, "reason": self.reason,
+                "exact": self.exact, "tolerance": self.tolerance,
                 "seconds": round(self.seconds, 4), "counters": self.counters, "details": self.details,
                 "decisions": [d.to_dict() for d in self.decisions],
-                "metrics": [m.to_dict() for m in self.metrics]}
+                "metrics": [m.to_dict() for m in self.metrics],
+                "metrics_vs_original": [m.to_dict() for m in self.metrics_vs_original]}
 
 
 def machine() -> dict:
@@ -75,6 +80,8 @@ class Report:
     violations: list[str] = field(default_factory=list)
     latency_before: Latency | None = None
     latency_after: Latency | None = None
+    latency_shape: dict[str, list[int]] | None = None  # the feed every latency figure was measured at
+    warnings: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
     @property
@@ -93,11 +100,12 @@ class Report:
             "runtime": {"intra_op_threads": self.runtime.intra_op_threads,
                         "inter_op_threads": self.runtime.inter_op_threads,
                         "providers": list(self.runtime.providers)},
-            "inputs": self.inputs, "tolerance": self.tolerance.to_dict(),
+            "inputs": self.inputs, "tolerance": self.tolerance.to_dict(), "warnings": self.warnings,
             "verification": {"passed": self.passed, "violations": self.violations,
                              "metrics": [m.to_dict() for m in self.metrics]},
             "before": vars(self.before), "after": vars(self.after) if self.after else None,
-            "latency": {"before": self.latency_before.to_dict() if self.latency_before else None,
+            "latency": {"shape": self.latency_shape,
+                        "before": self.latency_before.to_dict() if self.latency_before else None,
                         "after": self.latency_after.to_dict() if self.latency_after else None,
                         "speedup": self.speedup},
             "passes": [p.to_dict() for p in self.passes],
@@ -122,6 +130,9 @@ class Report:
                         _delta(self.before.parameters, after.parameters))
         summary.add_row("size", _mb(self.before.bytes), _mb(after.bytes), _delta(self.before.bytes, after.bytes))
         if self.latency_before and self.latency_after:
+            threads = self.latency_before.threads
+            shape = ", ".join(f"{k} {'x'.join(map(str, v))}" for k, v in (self.latency_shape or {}).items())
+            summary.add_row("latency at", shape, f"{threads} thread{'s' if threads != 1 else ''}", "")
             summary.add_row("latency median (ms)", f"{self.latency_before.median_ms:.3f}",
                             f"{self.latency_after.median_ms:.3f}", f"{self.speedup:.2f}x speed-up")
             summary.add_row("latency p90 (ms)", f"{self.latency_before.p90_ms:.3f}",
@@ -132,9 +143,9 @@ class Report:
 
         passes = Table(title="passes")
         for col in ("pass", "status", "time (s)", "what it did"):
-            passes.add_column(col)
+            passes.add_column(col, overflow="fold")  # never cut: the settings asked for must stay visible
         for p in self.passes:
-            did = ", ".join(f"{k}={v}" for k, v in p.counters.items())
+            did = ", ".join(f"{k}={_number(v)}" for k, v in p.counters.items())
             if p.reason:
                 did = f"{did}; {p.reason}" if did else p.reason
             passes.add_row(p.spec, p.status, f"{p.seconds:.2f}", did)
@@ -145,14 +156,22 @@ class Report:
         if len(skipped) > 20:
             console.print(f"  [dim]... {len(skipped) - 20} more skipped sites in the JSON report[/dim]")
 
-        errors = Table(title=f"numerics vs original ({self.inputs.get('validation_samples')} validation samples"
-                             + (", synthetic inputs" if self.inputs.get("synthetic") else "") + ")")
+        i = self.inputs
+        console.print(f"samples: {i.get('fit_samples')} fit, {i.get('selection_samples')} selection"
+                      + (" (searches used the fit samples)" if i.get("selection_from") == "fit" else "")
+                      + f", {i.get('verification_samples')} verification (no pass reads them); second size: "
+                      + str(i.get("second_size", "none")), markup=False)
+        errors = Table(title=f"numerics vs original ({i.get('verification_samples')} verification samples"
+                             + (", synthetic inputs" if i.get("synthetic") else "") + "; bound: "
+                             + self.tolerance.describe() + ")")
         for col in ("output", "max abs", "mean abs", "rel L2", "cosine", "top-1 agree", "NaN/Inf"):
             errors.add_column(col, justify="right")
         for m in self.metrics:
             errors.add_row(m.name, f"{m.max_abs:.3g}", f"{m.mean_abs:.3g}", f"{m.rel_l2:.3g}", f"{m.cosine:.6f}",
                            "-" if m.top1_agreement is None else f"{m.top1_agreement:.2%}", str(m.nonfinite_new))
         console.print(errors)
+        for w in self.warnings:
+            console.print(f"[yellow]warning:[/yellow] {w}")
         if self.passed:
             console.print("[green]verification passed[/green]")
         else:
@@ -170,6 +189,15 @@ def _delta(b: float, a: float) -> str:
     if b == 0:
         return f"+{a}"
     return f"{(a - b) / b:+.1%}"
+
+
+def _number(v) -> str:
+    """Counters as a person reads them: whole numbers without a decimal point, with thousands separators."""
+    if isinstance(v, float) and v.is_integer() and abs(v) >= 1000:
+        return f"{int(v):,}"
+    if isinstance(v, int) and not isinstance(v, bool) and abs(v) >= 1000:
+        return f"{v:,}"
+    return str(v)
 
 
 def _mb(n: int) -> str:

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from graphopt.allocate import BudgetInfeasible, Option, Site, allocate, allocate_dp, tie
-from graphopt.errors import UsageError
+from graphopt.analysis.allocate import BudgetInfeasible, Option, Site, allocate, allocate_dp, tie
+from graphopt.core.errors import UsageError
 
 
 def brute_force(sites, budget):
@@ -76,7 +76,7 @@ def test_tied_sites_take_the_same_option():
 
 
 def test_boundary_costs_make_float_runs_contiguous():
-    from graphopt.allocate import Boundary
+    from graphopt.analysis.allocate import Boundary
 
     # a, b, c in a chain: each float site costs 1 and removes 1 distortion; a border between a float and an int8
     # neighbour costs 0.6. Budget 2: two float sites cost at least 2 + 0.6, so one fits, at an end of the chain

@@ -7,10 +7,10 @@ import pytest
 from builders import fvi, make
 from onnx import TensorProto, helper
 
-from graphopt.calibration import load_samples, parse_shapes, split_samples, synthetic_samples
-from graphopt.errors import InputError, UsageError
-from graphopt.model import Model
-from graphopt.numerics import Tolerance, compare_outputs
+from graphopt.core.calibration import load_samples, parse_shapes, split_samples, synthetic_samples
+from graphopt.core.errors import InputError, UsageError
+from graphopt.core.model import Model
+from graphopt.core.numerics import Tolerance, compare_outputs
 
 
 def _two_input_model(batch="N"):
@@ -60,12 +60,18 @@ def test_bad_calibration_data_is_a_clear_error(tmp_path, arrays, match):
         load_samples(tmp_path / "d.npz", _two_input_model())
 
 
-def test_split_keeps_validation_apart_from_calibration():
-    samples = [{"a": np.full((1,), i)} for i in range(20)]
-    split = split_samples(samples, validation_fraction=0.25, seed=1)
-    cal = {int(s["a"][0]) for s in split.calibration}
-    val = {int(s["a"][0]) for s in split.validation}
-    assert len(val) == 5 and len(cal) == 15 and not cal & val
+def test_split_keeps_fit_selection_and_verification_apart():
+    samples = [{"a": np.full((1,), i)} for i in range(40)]
+    split = split_samples(samples, seed=1)
+    fit, sel, ver = ({int(s["a"][0]) for s in part} for part in (split.fit, split.selection, split.verification))
+    assert (len(fit), len(sel), len(ver)) == (17, 10, 13)  # small sets keep min(16, n // 3) for verification
+    assert not fit & sel and not fit & ver and not sel & ver and len(fit | sel | ver) == 40
+    big = split_samples([{"a": np.full((1,), i)} for i in range(1000)], seed=0)
+    assert (len(big.fit), len(big.selection), len(big.verification)) == (744, 128, 128)
+    two = split_samples(samples[:2])
+    assert len(two.fit) == 1 and two.selection == [] and two.for_selection is two.fit and not two.overlapping
+    one = split_samples(samples[:1])
+    assert one.overlapping and one.fit == one.verification
 
 
 def test_synthetic_feeds_respect_dtypes_and_need_unknown_dims():
@@ -84,7 +90,7 @@ def test_synthetic_feeds_respect_dtypes_and_need_unknown_dims():
 def test_compare_outputs_metrics():
     ref = [{"logits": np.array([[1.0, 2.0, 3.0], [3.0, 2.0, 1.0]], np.float32)}]
     new = [{"logits": np.array([[1.0, 2.0, 3.5], [1.0, 2.0, 3.0]], np.float32)}]
-    (m,) = compare_outputs(ref, new)
+    (m,) = compare_outputs(ref, new, scores={"logits"})
     assert m.max_abs == pytest.approx(2.0)
     assert m.mean_abs == pytest.approx(4.5 / 6)
     assert m.rel_l2 == pytest.approx(np.sqrt(0.25 + 8) / np.sqrt(28))

@@ -1,4 +1,4 @@
-"""Activation statistics (graphopt.capture): streaming histograms, range methods, collection, bounded memory."""
+"""Activation statistics (graphopt.core.capture): streaming histograms, range methods, collection, bounded memory."""
 
 from __future__ import annotations
 
@@ -15,10 +15,10 @@ from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.quantization import CalibrationDataReader
 from onnxruntime.quantization.quant_utils import compute_scale_zp
 
-from graphopt.capture import METHODS, TensorStats, collect_stats, scale_zero_point
-from graphopt.errors import InputError
-from graphopt.model import Model
-from graphopt.runtime import RuntimeSettings
+from graphopt.core.capture import METHODS, TensorStats, collect_stats, scale_zero_point
+from graphopt.core.errors import InputError
+from graphopt.core.model import Model
+from graphopt.core.runtime import RuntimeSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 ONE_THREAD = RuntimeSettings(intra_op_threads=1)
@@ -301,8 +301,8 @@ _MEMORY_SCRIPT = r"""
 import json, resource, sys, tracemalloc
 import numpy as np
 from onnx import TensorProto, helper, numpy_helper
-from graphopt.capture import collect_stats
-from graphopt.runtime import RuntimeSettings
+from graphopt.core.capture import collect_stats
+from graphopt.core.runtime import RuntimeSettings
 
 n = int(sys.argv[1])
 w = np.random.default_rng(0).standard_normal((64, 1, 3, 3)).astype(np.float32)

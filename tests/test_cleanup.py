@@ -8,7 +8,7 @@ import pytest
 from builders import RNG, bn_inits, bn_node, fvi, init, make, run_ort
 from onnx import TensorProto, helper
 
-from graphopt.model import Model
+from graphopt.core.model import Model
 from graphopt.passes import Context, create
 
 RTOL, ATOL = 1e-5, 1e-5

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import helper
 
-from graphopt.model import Model
+from graphopt.core.model import Model
 from graphopt.passes import DEFAULT_RECIPE, Context, create
 
 LAYER = st.tuples(st.sampled_from(["conv", "conv_bn", "bn_relu", "identity", "dropout", "residual"]),

@@ -245,7 +245,7 @@ def test_dynamic_batch_with_calibration_file(tmp_path):
     assert proc.returncode == 0, proc.stderr
     data = json.loads((tmp_path / "r.json").read_text())
     assert data["inputs"]["synthetic"] is False
-    assert data["inputs"]["calibration_samples"] + data["inputs"]["validation_samples"] == 6
+    assert sum(data["inputs"][k] for k in ("fit_samples", "selection_samples", "verification_samples")) == 6
     opt = onnx.load(str(out))
     assert opt.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "N"  # still dynamic
     for batch in (1, 5):
@@ -459,11 +459,11 @@ def test_compare_models_that_differ_exit_1(tmp_path):
 
 def test_optimize_final_verification_failure_needs_force(tmp_path):
     """A real failure: folding BatchNormalization is exact in maths but not bit-exact in float32. With
-    `--max-abs-error 0`, the per-pass check (on the first 32 validation samples) sees all-zero inputs, where
+    `--max-abs-error 0`, the per-pass check (on the first 32 verification samples) sees all-zero inputs, where
     the folded model is bit-identical (no conv bias, BN mean 0), so the fold is applied; the final check runs on
-    every validation sample, including random ones where rounding differs, and fails."""
+    every verification sample, including random ones where rounding differs, and fails."""
     src = save(conv_bn_model(bn_mean_zero=True, conv_bias=False), tmp_path / "m.onnx")
-    n = 80  # -> 40 validation samples, of which the pipeline's per-pass check uses the first 32
+    n = 160  # -> 40 verification samples, of which the pipeline's per-pass check uses the first 32
     order = np.random.default_rng(0).permutation(n)  # calibration.split_samples with --seed 0
     xs = np.zeros((n, 2, 3, 8, 8), np.float32)
     rng = np.random.default_rng(3)

@@ -7,7 +7,7 @@ import torch
 from builders import RNG, fvi, init, make, resnet_like, torch_export
 from onnx import helper
 
-from graphopt.model import Model
+from graphopt.core.model import Model
 
 
 def _branchy():

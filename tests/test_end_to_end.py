@@ -42,7 +42,7 @@ def test_bundled_fashion_mnist_model_with_its_real_test_images(tmp_path):
     data = _optimize_and_check(EXAMPLES / "fashion_cnn.onnx", tmp_path, "--calib", EXAMPLES / "fashion_test.npz")
     assert data["before"]["op_counts"].get("BatchNormalization", 0) > 0
     assert "BatchNormalization" not in data["after"]["op_counts"]
-    assert data["inputs"]["synthetic"] is False and data["inputs"]["validation_samples"] >= 64
+    assert data["inputs"]["synthetic"] is False and data["inputs"]["verification_samples"] >= 64
     # The optimized model keeps the trained model's accuracy on the bundled labelled images.
     labels = np.load(EXAMPLES / "fashion_test_labels.npy")
     images = np.load(EXAMPLES / "fashion_test.npz")["image"]

@@ -23,7 +23,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import graphopt  # noqa: E402
-from graphopt.errors import InputError, UsageError, VerificationError  # noqa: E402
+from graphopt.core.errors import InputError, UsageError, VerificationError  # noqa: E402
 from graphopt.export import ExportResult, parse_dynamic_spec, parse_input_spec  # noqa: E402
 
 _SCRIPT = shutil.which("graphopt")

@@ -14,14 +14,14 @@ from builders import fvi, init, make, run_ort
 from onnx import helper
 
 import graphopt
-from graphopt.allocate import BudgetInfeasible
-from graphopt.calibration import InputSet
-from graphopt.lowrank import breakeven_rank, conv_matrix, conv_pads, decompose, max_useful_rank, patches
-from graphopt.lowrank_rewrite import collect_grams, find_sites, rewrite, weight_matrix
-from graphopt.model import Model
+from graphopt.analysis.allocate import BudgetInfeasible
+from graphopt.core.calibration import InputSet
+from graphopt.passes.lowrank.factorize import breakeven_rank, conv_matrix, conv_pads, decompose, max_useful_rank, patches
+from graphopt.passes.lowrank.rewrite import collect_grams, find_sites, rewrite, weight_matrix
+from graphopt.core.model import Model
 from graphopt.passes import Context, create
-from graphopt.passes import lowrank as lowrank_pass
-from graphopt.runtime import Latency
+from graphopt.passes.lowrank import lowrank as lowrank_pass
+from graphopt.core.runtime import Latency
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 RNG = np.random.default_rng(6)
@@ -42,7 +42,7 @@ def correlated(n_rows: int, n: int, decay: float = 0.85) -> np.ndarray:
 
 
 def ctx_for(samples, synthetic=False):
-    return Context(inputs=InputSet(samples, samples, synthetic))
+    return Context(inputs=InputSet(fit=samples, selection=[], verification=samples, synthetic=synthetic))
 
 
 def full_rank_factors(model: Model, sites):
@@ -299,9 +299,9 @@ def test_cli_exit_codes(tmp_path):
 def test_lowrank_then_qdq_on_the_bundled_model_is_verified(tmp_path):
     import json
 
-    from graphopt.calibration import prepare_inputs
-    from graphopt.qdq_rewrite import find_sites as qdq_sites
-    from graphopt.runtime import make_session
+    from graphopt.core.calibration import prepare_inputs
+    from graphopt.passes.qdq.sites import find_sites as qdq_sites
+    from graphopt.core.runtime import make_session
 
     model = graphopt.load(EXAMPLES / "fashion_cnn.onnx")
     calib = EXAMPLES / "fashion_test.npz"

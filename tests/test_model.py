@@ -10,8 +10,8 @@ import pytest
 from builders import fvi, init, make
 from onnx import helper
 
-from graphopt.errors import InputError
-from graphopt.model import Model
+from graphopt.core.errors import InputError
+from graphopt.core.model import Model
 
 
 def _affine_model():

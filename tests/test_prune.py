@@ -13,11 +13,11 @@ import pytest
 from builders import bert_like, fvi, init, make, torch_export
 from onnx import helper
 
-from graphopt.channel_groups import analyse
-from graphopt.model import Model
+from graphopt.analysis.channel_groups import analyse
+from graphopt.core.model import Model
 from graphopt.passes import DEFAULT_RECIPE, Context, create
-from graphopt.prune_build import build, zero_channels
-from graphopt.runtime import make_session
+from graphopt.passes.prune.build import build, zero_channels
+from graphopt.core.runtime import make_session
 
 ROOT = Path(__file__).resolve().parent.parent
 for _p in (ROOT / "tools", ROOT):
@@ -161,11 +161,11 @@ def small_cnn() -> Model:
 
 
 def inputs(n=6, seed=0, shape=(2, 3, 6, 6)):
-    from graphopt.calibration import InputSet
+    from graphopt.core.calibration import InputSet
 
     rng = np.random.default_rng(seed)
     feeds = [{"x": rng.standard_normal(shape).astype(np.float32)} for _ in range(n)]
-    return InputSet(feeds[: n // 2], feeds[n // 2:])
+    return InputSet(fit=feeds[: n // 2], selection=[], verification=feeds[n // 2:])
 
 
 def test_pass_meets_mac_budget_and_refit_helps():
@@ -183,7 +183,7 @@ def test_pass_meets_mac_budget_and_refit_helps():
 
     def err(m):
         s0, s1 = make_session(model), make_session(m)
-        return sum(float(np.sum((s0.run(None, f)[0] - s1.run(None, f)[0]) ** 2)) for f in ctx.inputs.calibration)
+        return sum(float(np.sum((s0.run(None, f)[0] - s1.run(None, f)[0]) ** 2)) for f in ctx.inputs.verification)  # held out from the refit
 
     assert err(fitted.model) < err(plain.model)
 
@@ -202,7 +202,7 @@ def test_round_to_and_all_importances():
 def test_mean_fill_folds_constant_channels_exactly():
     """Channels zeroed only at the conv (BN shift and bias left) are a constant after BN+ReLU: folding the
     calibration mean into the 1x1 consumer's bias makes the pruned model equal the zeroed one."""
-    from graphopt.passes.prune import _activation_stats
+    from graphopt.passes.prune.prune import _activation_stats
 
     rng = np.random.default_rng(0)
     w = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
@@ -235,8 +235,8 @@ def test_mean_fill_folds_constant_channels_exactly():
 
 
 def test_budgets_out_of_reach_and_usage_errors():
-    from graphopt.allocate import BudgetInfeasible
-    from graphopt.errors import UsageError
+    from graphopt.analysis.allocate import BudgetInfeasible
+    from graphopt.core.errors import UsageError
 
     model = small_cnn()
     with pytest.raises(BudgetInfeasible, match="best reachable"):

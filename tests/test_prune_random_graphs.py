@@ -11,9 +11,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import helper
 
-from graphopt.channel_groups import analyse
-from graphopt.model import Model
-from graphopt.prune_build import build, zero_channels
+from graphopt.analysis.channel_groups import analyse
+from graphopt.core.model import Model
+from graphopt.passes.prune.build import build, zero_channels
 
 KINDS = ["conv", "conv_bn_relu", "residual", "concat", "depthwise", "maxpool", "scale", "split", "slice", "bn"]
 

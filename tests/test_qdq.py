@@ -15,12 +15,12 @@ from builders import fvi, init, make
 from onnx import helper
 
 import graphopt
-from graphopt.allocate import BudgetInfeasible
-from graphopt.capture import collect_stats
-from graphopt.model import Model
+from graphopt.analysis.allocate import BudgetInfeasible
+from graphopt.core.capture import collect_stats
+from graphopt.core.model import Model
 from graphopt.passes import Context, create
-from graphopt.qdq_rewrite import find_sites, make_plan, needed_statistics, rewrite
-from graphopt.runtime import kernels, make_session, run
+from graphopt.passes.qdq.sites import find_sites, make_plan, needed_statistics, rewrite
+from graphopt.core.runtime import kernels, make_session, run
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 RNG = np.random.default_rng(3)
@@ -124,7 +124,7 @@ def test_qdq_pass_on_the_bundled_model_with_real_images():
 
 def test_overrides_and_bad_budgets(tmp_path):
     model = _fashion()
-    from graphopt.calibration import prepare_inputs
+    from graphopt.core.calibration import prepare_inputs
 
     ctx = Context(inputs=prepare_inputs(model, EXAMPLES / "fashion_test.npz"))
     site = find_sites(model)[0].node
@@ -188,7 +188,7 @@ def mlp_block() -> Model:
 
 
 def test_dynamic_int8_sites_fuse_share_one_input_quantizer_and_stay_close():
-    from graphopt.qdq_dynamic import to_dynamic
+    from graphopt.passes.qdq.dynamic import to_dynamic
 
     model = mlp_block()
     samples = [{"x": RNG.standard_normal((4, 16)).astype(np.float32)} for _ in range(8)]
@@ -245,7 +245,7 @@ def test_int4_weight_only_under_a_size_budget_forms_matmulnbits():
 
 
 def test_bias_correction_removes_the_mean_shift_on_real_images():
-    from graphopt.bias_correction import bias_shifts
+    from graphopt.passes.qdq.bias_correction import bias_shifts
 
     model = _fashion()
     images = np.load(EXAMPLES / "fashion_test.npz")["image"]

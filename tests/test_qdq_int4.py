@@ -7,9 +7,9 @@ import onnx
 from builders import fvi, init, make
 from onnx import helper, numpy_helper
 
-from graphopt.model import Model
-from graphopt.qdq_int4 import blocked_int4, dequantized, int4_tensor, to_int4
-from graphopt.runtime import RuntimeSettings, kernels, make_session
+from graphopt.core.model import Model
+from graphopt.passes.qdq.int4 import blocked_int4, dequantized, int4_tensor, to_int4
+from graphopt.core.runtime import RuntimeSettings, kernels, make_session
 
 RNG = np.random.default_rng(5)
 

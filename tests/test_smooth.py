@@ -7,11 +7,11 @@ import onnx
 from builders import fvi, init, make
 from onnx import helper
 
-from graphopt import smooth
-from graphopt.model import Model
-from graphopt.qdq_dynamic import to_dynamic
-from graphopt.qdq_rewrite import find_sites
-from graphopt.runtime import make_session, run
+from graphopt.passes.qdq import smooth
+from graphopt.core.model import Model
+from graphopt.passes.qdq.dynamic import to_dynamic
+from graphopt.passes.qdq.sites import find_sites
+from graphopt.core.runtime import make_session, run
 
 RNG = np.random.default_rng(11)
 

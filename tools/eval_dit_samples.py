@@ -35,7 +35,7 @@ import torch  # noqa: E402
 
 from bench.datasets import FASHION_CLASSES, fashion_normalize  # noqa: E402
 from models import dit, dit_sampler, fashion_resnet  # noqa: E402
-from graphopt.files import write_atomic  # noqa: E402
+from graphopt.core.files import write_atomic  # noqa: E402
 
 
 def export_dit(model: torch.nn.Module, path: str) -> None:

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from graphopt.files import write_atomic
+from graphopt.core.files import write_atomic
 
 DATA_DIR = "/usr/share/datasets/fashion-mnist"
 MEAN = 0.2860

@@ -40,7 +40,7 @@ import torch.nn.functional as F  # noqa: E402
 from bench.datasets import fashion_mnist  # noqa: E402
 from models import dit_sampler  # noqa: E402
 from models.dit import NULL_CLASS, WEIGHTS, DiT  # noqa: E402
-from graphopt.files import write_atomic  # noqa: E402
+from graphopt.core.files import write_atomic  # noqa: E402
 
 SEED = 20261122
 FP16_ABOVE_BYTES = 8 * 1024 * 1024

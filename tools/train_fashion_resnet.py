@@ -39,7 +39,7 @@ from torch import nn  # noqa: E402
 
 from bench.datasets import FASHION_MEAN, FASHION_STD, fashion_mnist, fashion_normalize  # noqa: E402
 from models.fashion_resnet import WEIGHTS, FashionResNet  # noqa: E402
-from graphopt.files import write_atomic  # noqa: E402
+from graphopt.core.files import write_atomic  # noqa: E402
 
 SEED = 20261122
 PAD = 2

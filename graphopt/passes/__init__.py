@@ -1,10 +1,10 @@
 """Passes, registered by name for the CLI and recipes."""
 
 from .base import REGISTRY, Context, Decision, Pass, PassResult, create, parse_pass_spec, register
-from .cleanup import DEFAULT_RECIPE, FoldBatchNorm, FoldConstants, RemoveDead, RemoveIdentity
-from .qdq import QDQ
-from .lowrank import LowRank
-from .prune import Prune
+from .cleanup.cleanup import DEFAULT_RECIPE, FoldBatchNorm, FoldConstants, RemoveDead, RemoveIdentity
+from .qdq.qdq import QDQ
+from .lowrank.lowrank import LowRank
+from .prune.prune import Prune
 
 __all__ = ["REGISTRY", "Context", "Decision", "Pass", "PassResult", "create", "parse_pass_spec", "register",
            "DEFAULT_RECIPE", "LowRank", "Prune", "QDQ", "FoldBatchNorm", "FoldConstants", "RemoveDead", "RemoveIdentity"]

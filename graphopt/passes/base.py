@@ -6,10 +6,13 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable, ClassVar
 
-from ..calibration import InputSet
-from ..errors import UsageError
-from ..model import Model
-from ..runtime import RuntimeSettings
+import numpy as np
+
+from ..core.calibration import InputSet, latency_feed
+from ..core.errors import UsageError
+from ..core.model import Model
+from ..core.numerics import Tolerance, class_score_outputs
+from ..core.runtime import Feed, RuntimeSettings, make_session, run
 
 
 @dataclass
@@ -35,12 +38,43 @@ class PassResult:
 
 @dataclass
 class Context:
-    """What every pass may use: inputs, runtime settings, a seed and a progress callback."""
+    """What every pass may use: inputs (fit / selection / verification: a pass reads the first two only),
+    runtime settings, the latency shape, a seed and a progress callback."""
 
     inputs: InputSet | None = None
     runtime: RuntimeSettings = field(default_factory=RuntimeSettings)
     seed: int = 0
     progress: Callable[[str], None] = lambda message: None
+    # every latency figure (budgets, searches, the report) is measured at this shape: `latency_batch` rows on a
+    # dynamic batch axis, or exactly `latency_shapes` per input
+    latency_batch: int = 1
+    latency_shapes: dict[str, tuple[int, ...]] | None = None
+    # output name -> "scores" | "other": which outputs are class scores (agreement, KL); the rest by heuristic
+    output_kinds: dict[str, str] = field(default_factory=dict)
+
+    def class_scores(self, model: Model) -> frozenset[str]:
+        return class_score_outputs(model, self.output_kinds)
+
+    def latency_feed(self, model: Model) -> Feed:
+        if self.inputs is None:
+            raise UsageError("latency needs input samples (Context.inputs)")
+        samples = self.inputs.fit or self.inputs.verification
+        return latency_feed(model, samples, batch=self.latency_batch, shapes=self.latency_shapes)
+
+
+class Verifier:
+    """How the pipeline runs a model to compare it with another: the default is one onnxruntime call per feed,
+    and its outputs are compared. A pass whose result must be judged otherwise (the Taylor cache, on whole sampler
+    trajectories) brings its own: `outputs` must run the pass's input model and its result alike, and return one
+    {name: array} per feed; the pipeline compares those with its bounds."""
+
+    name: str = "one onnxruntime call per feed"
+
+    def outputs(self, model: Model, feeds: list[Feed], ctx: Context) -> list[dict[str, np.ndarray]]:
+        return run(make_session(model, ctx.runtime), feeds)
+
+
+DEFAULT_VERIFIER = Verifier()
 
 
 class Pass:
@@ -52,6 +86,14 @@ class Pass:
 
     def run(self, model: Model, ctx: Context) -> PassResult:  # pragma: no cover - interface
         raise NotImplementedError
+
+    def tolerance(self) -> Tolerance:
+        """The bound this pass's result must keep against its own input: strict for exact rewrites, a guard
+        that catches a broken result for lossy ones (the user's bound is on the pipeline's end result)."""
+        return Tolerance.default_for(lossy=not self.exact)
+
+    def verifier(self) -> Verifier:
+        return DEFAULT_VERIFIER
 
     def params(self) -> dict:
         return dataclasses.asdict(self) if dataclasses.is_dataclass(self) else {}

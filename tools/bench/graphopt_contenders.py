@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 
 import graphopt
-from graphopt.calibration import InputSet
+from graphopt.core.calibration import InputSet
 from graphopt.passes import Context, create
 
 from .contenders import Feed, Optimized, contender
@@ -16,7 +16,7 @@ def _qdq(params: dict) -> callable:
     def build(fp32_path: Path, feeds: list[Feed], workdir: Path) -> Optimized:
         t0 = time.perf_counter()
         model = graphopt.load(fp32_path)
-        ctx = Context(inputs=InputSet(calibration=list(feeds), validation=list(feeds[:8])))
+        ctx = Context(inputs=InputSet(fit=list(feeds), selection=[], verification=list(feeds[:8])))
         for name in graphopt.DEFAULT_RECIPE:  # exact cleanup first (BatchNorm folding)
             model = create(name).run(model, ctx).model
         result = create("qdq", params).run(model, ctx)

@@ -17,7 +17,7 @@ import onnx
 import onnxruntime as ort
 
 from graphopt.report import machine
-from graphopt.runtime import Latency, RuntimeSettings, measure_latencies, session_options
+from graphopt.core.runtime import Latency, RuntimeSettings, measure_latencies, session_options
 
 from . import contenders as C
 from .tasks import REPO, TASKS, Column, Evaluation, Task, _rel
@@ -242,7 +242,7 @@ def run_task(name: str, contender_names: list[str], *, threads: int = 2, limit: 
         "evaluation": ev.description,
         "calibration": calib_desc,
         "latency": (f"{ev.latency_description}; ORT CPU EP, {threads} intra-op threads, 1 inter-op, graph "
-                    f"optimization all; sessions measured interleaved in rounds of 5 (graphopt.runtime."
+                    f"optimization all; sessions measured interleaved in rounds of 5 (graphopt.core.runtime."
                     f"measure_latencies), {latency.warmup} warm-up runs each, "
                     f"{min(l.runs for l in lats) if lats else 0}+ timed runs each"),
         "contenders": "; ".join(f"`{n}`: {C.describe(n)}" for n in names),
@@ -305,6 +305,6 @@ def render(result: Result, level: int = 2) -> str:
 
 
 def write_atomic(path: Path, text: str) -> None:
-    from graphopt.files import write_text_atomic
+    from graphopt.core.files import write_text_atomic
 
     write_text_atomic(path, text)

@@ -37,13 +37,13 @@ import numpy as np  # noqa: E402
 
 from bench import datasets, metrics, tasks  # noqa: E402
 from bench.harness import CACHE, OtherLoad, log, wait_for_quiet, write_atomic  # noqa: E402
-from graphopt.calibration import InputSet  # noqa: E402
-from graphopt.lowrank import max_useful_rank  # noqa: E402
-from graphopt.lowrank_rewrite import find_sites  # noqa: E402
-from graphopt.model import Model  # noqa: E402
+from graphopt.core.calibration import InputSet  # noqa: E402
+from graphopt.passes.lowrank.factorize import max_useful_rank  # noqa: E402
+from graphopt.passes.lowrank.rewrite import find_sites  # noqa: E402
+from graphopt.core.model import Model  # noqa: E402
 from graphopt.passes import Context, create  # noqa: E402
 from graphopt.report import machine  # noqa: E402
-from graphopt.runtime import RuntimeSettings, make_session, measure_latencies  # noqa: E402
+from graphopt.core.runtime import RuntimeSettings, make_session, measure_latencies  # noqa: E402
 
 RESULTS = _HERE / "results"
 
@@ -126,7 +126,7 @@ def uniform_rank(model: Model, ratio: float) -> tuple[int, float]:
 
 
 def build(model: Model, params: dict, calib, settings: RuntimeSettings) -> tuple[Model, dict, float]:
-    ctx = Context(inputs=InputSet(calib, calib[:2]), runtime=settings, progress=log)
+    ctx = Context(inputs=InputSet(fit=calib, selection=[], verification=calib[:2]), runtime=settings, progress=log)
     t0 = time.perf_counter()
     result = create("lowrank", {k: str(v) for k, v in params.items()}).run(model, ctx)
     return result.model, result.counters, time.perf_counter() - t0
@@ -219,7 +219,7 @@ def main(argv=None) -> int:
         "calibration": f"{calib_desc}; the pass used {min(args.calibration_samples, len(calib))} feeds for XᵀX and "
                        f"{args.sensitivity_samples} for the per-site output distortion",
         "latency": f"{ev.latency_description}; ORT CPU EP, {args.threads} intra-op threads; all models interleaved "
-                   f"(graphopt.runtime.measure_latencies), {min(l.runs for l in lats)}+ timed runs each, median",
+                   f"(graphopt.core.runtime.measure_latencies), {min(l.runs for l in lats)}+ timed runs each, median",
         "machine": f"{m['cpu']}, {m['cores']} cores; onnxruntime {m['onnxruntime']}; Python {m['python']}; "
                    f"graphopt {m['graphopt']}",
         "load average": f"{load_before[0]:.2f} / {load_before[1]:.2f} / {load_before[2]:.2f} (1/5/15 min) before "

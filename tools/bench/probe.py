@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import StratifiedKFold, cross_val_score
 
-    from graphopt.runtime import RuntimeSettings, session_options
+    from graphopt.core.runtime import RuntimeSettings, session_options
 
     path, _ = exported("minilm", CACHE / "minilm", rebuild=False)
     session = ort.InferenceSession(str(path), session_options(RuntimeSettings(intra_op_threads=args.threads)),

@@ -41,14 +41,14 @@ CHANNEL_REDUCTION = {"minilm": 0.25}
 
 def _ours(ratio: float, target: str, **params):
     def build(fp32_path, feeds, workdir):
-        from graphopt.calibration import InputSet
-        from graphopt.model import Model
+        from graphopt.core.calibration import InputSet
+        from graphopt.core.model import Model
         from graphopt.passes import Context, create
-        from graphopt.runtime import RuntimeSettings
+        from graphopt.core.runtime import RuntimeSettings
 
         t0 = time.perf_counter()
         model = Model.load(fp32_path)
-        ctx = Context(inputs=InputSet(list(feeds), list(feeds[:1])), runtime=RuntimeSettings(intra_op_threads=2),
+        ctx = Context(inputs=InputSet(fit=list(feeds), selection=[], verification=list(feeds[:1])), runtime=RuntimeSettings(intra_op_threads=2),
                       progress=log)
         spec = {"ratio": ratio, "target": target, **params}
         result = create("prune", spec).run(model, ctx)
@@ -150,8 +150,8 @@ def _tp_version() -> str:
 
 
 def analysis_timing(nodes: int = 10_000, repeats: int = 3) -> str:
-    from graphopt.channel_groups import analyse
-    from graphopt.depgraph import tensor_infos
+    from graphopt.analysis.channel_groups import analyse
+    from graphopt.analysis.depgraph import tensor_infos
     from graphopt.report import machine
 
     model = big_graph(nodes)
@@ -215,7 +215,7 @@ def main(argv=None) -> int:
 
 def big_graph(nodes: int = 10_000, width: int = 8, seed: int = 0):
     """A residual conv net of about `nodes` nodes (conv3x3-relu-conv1x1-add blocks), random weights."""
-    from graphopt.model import Model
+    from graphopt.core.model import Model
 
     rng = np.random.default_rng(seed)
     inits, graph_nodes = [], []

@@ -23,14 +23,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..allocate import BudgetInfeasible, Option, Site as AllocSite, allocate
-from ..errors import UsageError
-from ..lowrank import METHODS, Spectrum, single_threaded_blas, breakeven_rank, decompose, factored_params, max_useful_rank
-from ..lowrank_rewrite import Site, collect_grams, find_sites, micro_site, rewrite, site_model, weight_matrix
-from ..model import Model
-from ..numerics import output_distortion
-from ..runtime import make_session, measure_latencies, run
-from .base import Context, Decision, Pass, PassResult, register
+from ...analysis.allocate import BudgetInfeasible, Option, Site as AllocSite, allocate
+from ...core.errors import UsageError
+from .factorize import METHODS, Spectrum, single_threaded_blas, breakeven_rank, decompose, factored_params, max_useful_rank
+from .rewrite import Site, collect_grams, find_sites, micro_site, rewrite, site_model, weight_matrix
+from ...core.model import Model
+from ...core.numerics import output_distortion
+from ...core.runtime import make_session, measure_latencies, run
+from ..base import Context, Decision, Pass, PassResult, register
 
 BUDGETS = ("target_speedup", "param_ratio", "max_params", "energy", "rank", "rank_ratio")
 DEFAULT_ENERGY = 0.95
@@ -117,9 +117,9 @@ class LowRank(Pass):
         if not usable:
             return PassResult(model, False, decisions=decisions)
         self._check_inputs(ctx)
-        calib = ctx.inputs.calibration[: self.calibration_samples]
+        calib = ctx.inputs.fit[: self.calibration_samples]
         ctx.progress(f"lowrank: input covariance of {len(usable)} sites on {len(calib)} samples")
-        grams, first = collect_grams(model, usable, calib, ctx.runtime, ctx.progress)
+        grams, first = collect_grams(model, usable, calib, ctx.runtime, ctx.progress, ctx.latency_feed(model))
 
         ctx.progress(f"lowrank: {self.method} decomposition of {len(usable)} weights")
         plans = self._plans(model, usable, grams, first, decisions)
@@ -150,7 +150,8 @@ class LowRank(Pass):
                 self._time(model, plans[n], [r], ctx)
 
         result = rewrite(model, usable, {n: plans[n].spectrum.factors(r) for n, r in chosen.items()})
-        measured = output_distortion(reference, run(make_session(result, ctx.runtime), probe)) if chosen else 0.0
+        measured = (output_distortion(reference, run(make_session(result, ctx.runtime), probe), ctx.class_scores(model))
+                    if chosen else 0.0)
         for n, p in plans.items():
             decisions.append(self._decision(p, chosen.get(n)))
         # Parameters of every site where some rank pays (the same denominator whatever the budget).
@@ -170,7 +171,7 @@ class LowRank(Pass):
 
     # ----------------------------------------------------------------------------------------- pieces
     def _check_inputs(self, ctx: Context) -> None:
-        if ctx.inputs is None or not ctx.inputs.calibration:
+        if ctx.inputs is None or not ctx.inputs.fit:
             raise UsageError("the lowrank pass needs calibration inputs (--calib)")
         needs_data = self.method == "whitened" or self.refit or self.budget in ("target_speedup", "param_ratio",
                                                                                    "max_params")
@@ -216,6 +217,7 @@ class LowRank(Pass):
     def _sensitivities(self, model, usable, plans, probe, reference, ctx: Context) -> None:
         """Gain from a site's layer error to the model's output distortion, measured at one probe rank."""
         ctx.progress(f"lowrank: output distortion of {len(plans)} sites on {len(probe)} samples")
+        scores = ctx.class_scores(model)
         for p in plans.values():
             nonzero = [r for r in p.ranks if p.errors[r] > 1e-12]
             if not nonzero:
@@ -223,7 +225,7 @@ class LowRank(Pass):
                 continue
             r = nonzero[(len(nonzero) - 1) // 2]
             candidate = rewrite(model, usable, {p.site.node: p.spectrum.factors(r)})
-            d = output_distortion(reference, run(make_session(candidate, ctx.runtime), probe))
+            d = output_distortion(reference, run(make_session(candidate, ctx.runtime), probe), scores)
             p.gain, p.probe = d / p.errors[r], (r, d)
 
     def _time(self, model: Model, p: "_Plan", ranks: list[int], ctx: Context) -> None:
@@ -273,7 +275,7 @@ class LowRank(Pass):
         options = [site(p, lambda r, p=p: p.original_ms if r is None else p.ms[r],
                         [r for r in p.ranks if self._faster(p, r)]) for p in plans.values()]
         base = make_session(model, ctx.runtime)
-        feed = probe[0]
+        feed = ctx.latency_feed(model)
         t0 = measure_latencies([base], feed, min_seconds=0.5)[0].median_ms
         sum_sites = sum(p.original_ms for p in plans.values())
         target_ms = t0 / self.target_speedup
@@ -339,7 +341,7 @@ class _Plan:
     spectrum: Spectrum
     ranks: list[int]
     errors: dict[int, float]
-    x: np.ndarray  # the site's input on the first calibration sample
+    x: np.ndarray  # the site's input at the latency shape (the feed of its micro-model timings)
     gain: float | None = None
     probe: tuple[int, float] | None = None
     original_ms: float | None = None

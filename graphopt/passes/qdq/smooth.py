@@ -19,11 +19,11 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .capture import stream_tensors
-from .editing import all_names, node_inputs, unique_name
-from .model import Model
-from .qdq_rewrite import Site
-from .runtime import RuntimeSettings
+from ...core.capture import stream_tensors
+from ...core.editing import all_names, node_inputs, unique_name
+from ...core.model import Model
+from .sites import Site
+from ...core.runtime import RuntimeSettings
 
 ALPHAS = (0.3, 0.5, 0.6, 0.7, 0.8, 0.9)
 

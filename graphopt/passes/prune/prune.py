@@ -18,15 +18,15 @@ from dataclasses import dataclass
 import numpy as np
 from onnx import helper, numpy_helper
 
-from ..allocate import BudgetInfeasible, Option, Site, allocate
-from ..capture import stream_tensors
-from ..channel_groups import ChannelGroups, analyse
-from ..errors import UsageError
-from ..model import Model
-from ..numerics import output_distortion
-from ..prune_build import build, positions
-from ..runtime import make_session, measure_latencies, run
-from .base import Context, Decision, Pass, PassResult, register
+from ...analysis.allocate import BudgetInfeasible, Option, Site, allocate
+from ...core.capture import stream_tensors
+from ...analysis.channel_groups import ChannelGroups, analyse
+from ...core.errors import UsageError
+from ...core.model import Model
+from ...core.numerics import output_distortion
+from .build import build, positions
+from ...core.runtime import make_session, measure_latencies, run
+from ..base import Context, Decision, Pass, PassResult, register
 
 IMPORTANCES = ("magnitude", "activation", "distortion")
 TARGETS = ("macs", "params", "channels")
@@ -88,8 +88,8 @@ class Prune(Pass):
             raise UsageError(f"prune with importance={self.importance}"
                              + (" and refit" if self.refit else "") + " needs real calibration data (--calib); "
                              "use importance=magnitude,refit=false to prune without data")
-        feeds = (ctx.inputs.calibration[: self.calibration_samples] if ctx.inputs else [])
-        shape_feed = feeds[0] if feeds else (ctx.inputs.validation[0] if ctx.inputs else None)
+        feeds = (ctx.inputs.fit[: self.calibration_samples] if ctx.inputs else [])
+        shape_feed = feeds[0] if feeds else (ctx.latency_feed(model) if ctx.inputs else None)  # for MAC counts
         if shape_feed is None:
             raise UsageError("prune needs at least one input sample (for tensor shapes)")
         costs = Costs(model, cg, shape_feed, ctx)
@@ -118,7 +118,7 @@ class Prune(Pass):
             choice = self._allocate(costs, kind, budget, prunable, options, distortion, keep_for)
         else:
             choice = self._search_speedup(model, costs, prunable, options, distortion, keep_for, fill, cg,
-                                          shape_feed, ctx, measured, floor_choice)
+                                          ctx.latency_feed(model), ctx, measured, floor_choice)
         keep = keep_for(choice)
         result = build(model, cg, keep, fill)
         if self.refit and keep:
@@ -148,21 +148,22 @@ class Prune(Pass):
         out: dict[int, dict[int, float]] = {}
         if self.importance != "distortion":
             for g in prunable:
-                scores = _channel_scores(cg, g, stats, self.importance)
-                total = float(scores.sum()) or 1.0
-                ranked = scores[order[g.id]]  # least important first
+                importance = _channel_scores(cg, g, stats, self.importance)
+                total = float(importance.sum()) or 1.0
+                ranked = importance[order[g.id]]  # least important first
                 out[g.id] = {k: float(ranked[: g.size - k].sum() / total) for k in options[g.id]}
             return out
         probe = feeds[: self.sensitivity_samples]
         reference = run(make_session(model, ctx.runtime), probe)
         fill = {t: v["mean"] for t, v in stats.items() if isinstance(t, str)}
         n = sum(len(options[g.id]) - 1 for g in prunable)
+        scores = ctx.class_scores(model)
         ctx.progress(f"prune: measuring the distortion of {n} single-group cuts on {len(probe)} samples")
         for g in prunable:
             out[g.id] = {g.size: 0.0}
             for k in options[g.id][1:]:
                 candidate = build(model, cg, {g.id: _kept(order[g.id], g.block, k)}, fill)
-                out[g.id][k] = output_distortion(reference, run(make_session(candidate, ctx.runtime), probe))
+                out[g.id][k] = output_distortion(reference, run(make_session(candidate, ctx.runtime), probe), scores)
             # a bigger cut never costs less: keep the curve monotone against measurement noise
             ks = sorted(out[g.id], reverse=True)
             for a, b in zip(ks, ks[1:]):
@@ -245,7 +246,8 @@ class Prune(Pass):
     # --------------------------------------------------------------------------------------------- report
     def _report(self, model, result, cg, costs, keep, choice, order, stats, distortion, feed, ctx, measured):
         after = Costs(result, analyse(result), feed, ctx)
-        lat = measure_latencies([make_session(model, ctx.runtime), make_session(result, ctx.runtime)], feed,
+        lat = measure_latencies([make_session(model, ctx.runtime), make_session(result, ctx.runtime)],
+                                ctx.latency_feed(model),
                                 warmup=5, repeats=30, min_seconds=0.3, max_seconds=3.0)
         counters = {"groups": len(cg.groups()), "prunable": sum(g.prunable for g in cg.groups()),
                     "pruned_groups": len(keep),

@@ -14,8 +14,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .editing import all_names, node_inputs, unique_name
-from .model import Model
+from ...core.editing import all_names, node_inputs, unique_name
+from ...core.model import Model
 
 MIN_OPSET = 21  # int4 types and block_size in DequantizeLinear
 BLOCK_SIZE = 32
@@ -110,7 +110,7 @@ def to_opset(model: Model, opset: int) -> Model:
 def constant_tables(model: Model) -> list:
     """Gather nodes reading rows of a constant 2-D table (embeddings), as qdq_rewrite.Site records (macs holds
     the table's element count, weight_axis the axis the int4 blocks run along: the hidden one)."""
-    from .qdq_rewrite import Site
+    from .sites import Site
 
     inits = model.initializers()
     consts = model.constant_names()

@@ -14,7 +14,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .errors import GraphoptError, UsageError
+from ..core.errors import GraphoptError, UsageError
 
 
 @dataclass(frozen=True)

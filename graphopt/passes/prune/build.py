@@ -22,9 +22,9 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .channel_groups import ChannelGroups
-from .editing import all_names, unique_name
-from .model import Model, make_model_like
+from ...analysis.channel_groups import ChannelGroups
+from ...core.editing import all_names, unique_name
+from ...core.model import Model, make_model_like
 
 
 def positions(cg: ChannelGroups, keep: dict[int, np.ndarray]) -> dict[str, np.ndarray]:
@@ -257,7 +257,7 @@ def _matmul_bias(ed: _Editor, node, delta, graph, pos) -> None:
 
 
 def _resort(graph) -> None:
-    from .channel_groups import _topological
+    from ...analysis.channel_groups import _topological
 
     order = _topological(graph)
     del graph.node[:]

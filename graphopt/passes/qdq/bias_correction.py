@@ -13,11 +13,11 @@ from __future__ import annotations
 import numpy as np
 from onnx import helper, numpy_helper
 
-from .capture import stream_tensors
-from .model import Model
-from .qdq_rewrite import Site
+from ...core.capture import stream_tensors
+from ...core.model import Model
+from .sites import Site
 from .quant import QParams, quantize_weight, weight_qparams
-from .runtime import RuntimeSettings
+from ...core.runtime import RuntimeSettings
 
 
 def fake_quantize(x: np.ndarray, q: QParams) -> np.ndarray:

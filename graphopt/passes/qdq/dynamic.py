@@ -17,9 +17,9 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .editing import all_names, node_inputs, unique_name
-from .model import Model
-from .qdq_rewrite import Site
+from ...core.editing import all_names, node_inputs, unique_name
+from ...core.model import Model
+from .sites import Site
 from .quant import quantize_weight, weight_qparams
 
 DYNAMIC_OPS = ("MatMul", "Gemm")

@@ -497,7 +497,7 @@ def collect_stats(model, tensors: Iterable[str], samples, *, settings: RuntimeSe
     model = model if isinstance(model, Model) else Model.from_proto(model)
     graph = model.graph
     wanted = list(dict.fromkeys(tensors))
-    from .depgraph import tensor_infos  # deferred: depgraph pulls in networkx
+    from ..analysis.depgraph import tensor_infos  # deferred: depgraph pulls in networkx
 
     infos = tensor_infos(model.proto)
     produced = {o for n in graph.node for o in n.output if o}
@@ -551,7 +551,7 @@ def stream_tensors(model: Model, names: list[str], samples, *, settings: Runtime
     CalibrationDataReader."""
     session = None
     if names:
-        from .depgraph import tensor_infos  # deferred: depgraph pulls in networkx
+        from ..analysis.depgraph import tensor_infos  # deferred: depgraph pulls in networkx
 
         infos = tensor_infos(model.proto)
         outputs = {o.name for o in model.graph.output}

@@ -50,13 +50,13 @@ def input_specs(model) -> list[InputSpec]:
     return specs
 
 
-def parse_shapes(items: Iterable[str]) -> dict[str, tuple[int, ...]]:
+def parse_shapes(items: Iterable[str], flag: str = "--input-shape") -> dict[str, tuple[int, ...]]:
     """`name=1x3x224x224` strings from the command line -> {name: shape}."""
     shapes = {}
     for item in items:
         m = re.fullmatch(r"([^=]+)=(\d+(?:[x,]\d+)*)", item.strip())
         if not m:
-            raise UsageError(f"--input-shape {item!r}: expected NAME=DIMxDIMx... such as image=1x3x224x224")
+            raise UsageError(f"{flag} {item!r}: expected NAME=DIMxDIMx... such as image=1x3x224x224")
         shapes[m.group(1)] = tuple(int(d) for d in re.split(r"[x,]", m.group(2)))
     return shapes
 
@@ -229,39 +229,144 @@ def _random(name: str, shape, dtype: np.dtype, rng: np.random.Generator) -> np.n
                      "pass --calib")
 
 
+# ------------------------------------------------------------------------------ latency shape
+def latency_feed(model, samples: list[Feed], *, batch: int = 1, shapes: dict[str, tuple] | None = None) -> Feed:
+    """One feed at the shape every latency figure is measured at: `batch` rows along each input's dynamic batch
+    axis (rows taken from successive samples, real data), or the exact `shapes` given per input (axes cut or
+    tiled). Inputs with a fixed batch keep it."""
+    if not samples:
+        raise UsageError("latency needs at least one input sample")
+    if batch < 1:
+        raise UsageError(f"the latency batch must be at least 1, got {batch}")
+    shapes = shapes or {}
+    specs = {s.name: s for s in input_specs(model)}
+    unknown = set(shapes) - set(specs)
+    if unknown:
+        raise UsageError(f"--latency-shape names {sorted(unknown)}, which are not model inputs ({', '.join(specs)})")
+    feed = {}
+    for name, spec in specs.items():
+        first = samples[0][name]
+        if name in shapes:
+            target = tuple(shapes[name])
+            if len(target) != len(spec.shape) or any(isinstance(d, int) and d > 0 and d != t
+                                                      for d, t in zip(spec.shape, target)):
+                raise UsageError(f"--latency-shape {name}={_fmt_shape(target)} does not fit the input's shape "
+                                 f"{_fmt_shape(spec.shape)}")
+        elif first.ndim and not (isinstance(spec.shape[0], int) and spec.shape[0] > 0):
+            target = (batch,) + first.shape[1:]
+        else:
+            target = first.shape
+        rows = [s[name] for s in samples if s[name].shape[1:] == first.shape[1:]] if first.ndim else [first]
+        arr = np.concatenate(rows) if first.ndim else first
+        feed[name] = np.ascontiguousarray(_cut_or_tile(arr, target))
+    return feed
+
+
+def _cut_or_tile(arr: np.ndarray, target: tuple) -> np.ndarray:
+    for axis, n in enumerate(target):
+        have = arr.shape[axis]
+        if have < n:
+            arr = np.concatenate([arr] * -(-n // have), axis=axis)
+        arr = np.take(arr, range(n), axis=axis) if arr.shape[axis] != n else arr
+    return arr
+
+
+def describe_feed(feed: Feed) -> dict[str, list[int]]:
+    return {k: list(v.shape) for k, v in feed.items()}
+
+
+# ------------------------------------------------------------------------------ a second shape
+def second_size_feeds(model, feeds: list[Feed], count: int = 8) -> tuple[list[Feed], str]:
+    """Feeds at another size than the given ones, for models with dynamic dims (a rewrite of Reshape, Slice or
+    Split constants is only exercised by a shape it was not traced at): the batch doubled by joining two samples
+    along a dynamic batch axis, and token (integer) inputs' dynamic non-batch axes shortened by a quarter (all
+    inputs sharing that dim name alike). Returns ([], why not) when the model has no such dims."""
+    specs = input_specs(model)
+    batch = [s.name for s in specs if s.shape and not (isinstance(s.shape[0], int) and s.shape[0] > 0)]
+    seq: dict[str, list[tuple[str, int]]] = {}  # dim name -> (input, axis)
+    for spec in specs:
+        if np.issubdtype(spec.dtype, np.integer):
+            for axis, d in enumerate(spec.shape[1:], 1):
+                if not (isinstance(d, int) and d > 0):
+                    seq.setdefault(str(d or f"{spec.name}:{axis}"), []).append((spec.name, axis))
+    if not (batch or seq) or not feeds:
+        return [], "the model has no dynamic batch or sequence dims"
+    out = []
+    pairs = [(feeds[i], feeds[(i + 1) % len(feeds)]) for i in range(min(count, len(feeds)))] if batch else \
+        [(f, None) for f in feeds[:count]]
+    for a, b in pairs:
+        feed = {}
+        for name, arr in a.items():
+            if b is not None and name in batch and b[name].shape[1:] == arr.shape[1:]:
+                arr = np.concatenate([arr, b[name]])
+            feed[name] = arr
+        for uses in seq.values():
+            length = min(feed[name].shape[axis] for name, axis in uses)
+            if length >= 2:
+                for name, axis in uses:
+                    feed[name] = np.ascontiguousarray(np.take(feed[name], range(length - length // 4), axis=axis))
+        out.append(feed)
+    first = out[0]
+    return out, ", ".join(f"{k} {'x'.join(map(str, v.shape))}" for k, v in first.items())
+
+
 # ------------------------------------------------------------------------------ split
 @dataclass(frozen=True)
 class InputSet:
-    """Samples split so that verification never runs only on what the passes were fitted on."""
+    """Samples in three disjoint parts, so that no reported figure is measured on data a pass has read:
 
-    calibration: list[Feed]
-    validation: list[Feed]
+    - `fit`: what passes fit on (calibration ranges, refits, sensitivity, importance);
+    - `selection`: what a search that picks among candidates judges them on (accuracy targets, the latency
+      search's tightening); empty for tiny sets, where `for_selection` falls back to `fit`;
+    - `verification`: what the pipeline verifies and reports on; never read by a pass.
+
+    `overlapping` is true when there were too few samples to hold any out (one sample: all three are it)."""
+
+    fit: list[Feed]
+    selection: list[Feed]
+    verification: list[Feed]
     synthetic: bool = False
+    overlapping: bool = False
+
+    @property
+    def for_selection(self) -> list[Feed]:
+        return self.selection or self.fit
+
+    def counts(self) -> dict:
+        return {"fit_samples": len(self.fit), "selection_samples": len(self.selection),
+                "verification_samples": len(self.verification),
+                "selection_from": "selection" if self.selection else "fit",
+                "overlapping": self.overlapping, "synthetic": self.synthetic}
 
 
-def split_samples(samples: list[Feed], validation_fraction: float = 0.5, seed: int = 0,
-                  max_validation: int = 128, synthetic: bool = False) -> InputSet:
-    if not 0.0 < validation_fraction < 1.0:
-        raise UsageError("validation_fraction must be between 0 and 1")
-    if len(samples) == 1:  # nothing to hold out: the report's sample counts show it
-        return InputSet(samples, samples, synthetic)
-    order = np.random.default_rng(seed).permutation(len(samples))
-    n_val = min(max_validation, max(1, int(round(len(samples) * validation_fraction))))
-    n_val = min(n_val, len(samples) - 1)
-    validation = [samples[i] for i in order[:n_val]]
-    calibration = [samples[i] for i in order[n_val:]]
-    return InputSet(calibration, validation, synthetic)
+def split_samples(samples: list[Feed], seed: int = 0, *, verification_fraction: float = 0.25,
+                  selection_fraction: float = 0.25, max_verification: int = 128, max_selection: int = 128,
+                  synthetic: bool = False) -> InputSet:
+    """Shuffle once with `seed`, then cut verification, selection and fit (the rest) apart. Small sets keep at
+    least min(16, n // 3) samples for verification, so that its figures mean something."""
+    if not (0.0 < verification_fraction < 1.0 and 0.0 <= selection_fraction < 1.0
+            and verification_fraction + selection_fraction < 1.0):
+        raise UsageError("verification_fraction and selection_fraction must be in [0, 1) and sum below 1")
+    n = len(samples)
+    if n == 1:  # nothing to hold out: the pipeline refuses lossy runs on this unless told otherwise
+        return InputSet(samples, [], samples, synthetic, overlapping=True)
+    order = np.random.default_rng(seed).permutation(n)
+    n_ver = min(max_verification, max(1, round(n * verification_fraction), min(16, n // 3)))
+    n_sel = min(max_selection, max(1 if n >= 3 else 0, round(n * selection_fraction))) if selection_fraction else 0
+    n_sel = max(0, min(n_sel, n - n_ver - 1))
+    pick = [samples[i] for i in order]
+    return InputSet(fit=pick[n_ver + n_sel:], selection=pick[n_ver:n_ver + n_sel], verification=pick[:n_ver],
+                    synthetic=synthetic)
 
 
 def prepare_inputs(model, calib=None, *, input_shapes: dict | None = None, batch_size: int | None = None,
-                   synthetic_count: int = 8, seed: int = 0, validation_fraction: float = 0.5) -> InputSet:
-    """Calibration data when given, else synthetic feeds (flagged, so reports can say so)."""
+                   synthetic_count: int = 8, seed: int = 0) -> InputSet:
+    """Calibration data when given, else synthetic feeds (flagged, so reports can say so), split three ways."""
     if calib is not None:
-        samples = load_samples(calib, model, batch_size=batch_size)
-        return split_samples(samples, validation_fraction, seed)
+        return split_samples(load_samples(calib, model, batch_size=batch_size), seed)
     samples = synthetic_samples(model, synthetic_count, input_shapes, seed)
-    return split_samples(samples, validation_fraction, seed, synthetic=True)
+    return split_samples(samples, seed, synthetic=True)
 
 
 __all__ = ["InputSet", "InputSpec", "CalibrationDataReader", "load_samples", "synthetic_samples",
-           "split_samples", "prepare_inputs", "parse_shapes", "input_specs"]
+           "split_samples", "prepare_inputs", "parse_shapes", "input_specs", "latency_feed", "describe_feed", "second_size_feeds"]

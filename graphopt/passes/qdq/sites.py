@@ -21,8 +21,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .editing import all_names, unique_name
-from .model import Model
+from ...core.editing import all_names, unique_name
+from ...core.model import Model
 from .quant import QParams, activation_qparams, guard_bias_overflow, quantize_bias, quantize_weight, weight_qparams
 
 SAME_SCALE_OPS = {"MaxPool", "Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze"}

@@ -12,11 +12,11 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ..depgraph import tensor_infos
-from ..editing import (all_names, drop_stale_value_info, has_subgraph, live_tensors, node_inputs, rename_output,
+from ...analysis.depgraph import tensor_infos
+from ...core.editing import (all_names, drop_stale_value_info, has_subgraph, live_tensors, node_inputs, rename_output,
                        replace_input, unique_name)
-from ..model import Model
-from .base import Context, Decision, Pass, PassResult, register
+from ...core.model import Model
+from ..base import Context, Decision, Pass, PassResult, register
 
 DEFAULT_DOMAINS = ("", "ai.onnx")
 

@@ -17,11 +17,11 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .editing import all_names, node_inputs, unique_name
-from .errors import InputError
-from .lowrank import Gram, conv_factors, conv_matrix, conv_pads, patches
-from .model import Model, make_model_like
-from .runtime import RuntimeSettings, make_session
+from ...core.editing import all_names, node_inputs, unique_name
+from ...core.errors import InputError
+from .factorize import Gram, conv_factors, conv_matrix, conv_pads, patches
+from ...core.model import Model, make_model_like
+from ...core.runtime import RuntimeSettings, make_session
 
 
 @dataclass
@@ -212,9 +212,10 @@ def micro_site(site: Site) -> Site:
 
 # -------------------------------------------------------------------------------------------- calibration
 def collect_grams(model: Model, sites: list[Site], samples, settings: RuntimeSettings | None = None,
-                  progress=None) -> tuple[dict[tuple, Gram], dict[str, np.ndarray]]:
+                  progress=None, timing_feed=None) -> tuple[dict[tuple, Gram], dict[str, np.ndarray]]:
     """XᵀX of every site's input rows (im2col patches for convs) over all samples, one sample in memory at a
-    time; plus each activation's value on the first sample (the feed of the latency micro-models)."""
+    time; plus each activation's value on `timing_feed` (the latency shape; default the first sample), which
+    feeds the latency micro-models and is not counted in the Gram matrices."""
     keys = {}
     for s in sites:
         keys.setdefault(s.gram_key(), s)
@@ -229,12 +230,18 @@ def collect_grams(model: Model, sites: list[Site], samples, settings: RuntimeSet
             augmented.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
     session = make_session(augmented, settings) if fetch else None
     del augmented
+    def activations(feed):
+        values = dict(zip(fetch, session.run(fetch, feed))) if session is not None else {}
+        values.update({t: feed[t] for t in tensors if t in inputs})
+        return values
+
     first: dict[str, np.ndarray] = {}
+    if timing_feed is not None:
+        first = {t: np.array(v) for t, v in activations(timing_feed).items()}
     n = 0
     for feed in samples:
         n += 1
-        values = dict(zip(fetch, session.run(fetch, feed))) if session is not None else {}
-        values.update({t: feed[t] for t in tensors if t in inputs})
+        values = activations(feed)
         for key, s in keys.items():
             grams[key].update(_rows(s, values[s.activation]))
         if not first:

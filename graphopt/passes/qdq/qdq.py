@@ -15,19 +15,20 @@ from pathlib import Path
 
 import numpy as np
 
-from ..allocate import Allocation, Boundary, BudgetInfeasible, Option, Site as AllocSite, allocate
-from ..errors import InputError, UsageError
-from ..model import Model
-from ..numerics import output_distortion as distortion
-from .. import smooth
-from ..bias_correction import bias_shifts
-from ..qdq_dynamic import DYNAMIC_OPS, to_dynamic
-from ..qdq_int4 import BLOCK_SIZE, MIN_OPSET as INT4_OPSET, constant_tables, to_int4, to_opset
-from ..qdq_rewrite import MIN_OPSET, Site, find_sites, make_plan, needed_statistics, rewrite
-from ..runtime import kernels, make_session, measure_latencies, run
-from .base import Context, Decision, Pass, PassResult, register
+from ...analysis.allocate import Allocation, Boundary, BudgetInfeasible, Option, Site as AllocSite, allocate
+from ...core.errors import InputError, UsageError
+from ...core.model import Model
+from ...core.numerics import output_distortion as distortion
+from . import smooth
+from .bias_correction import bias_shifts
+from .dynamic import DYNAMIC_OPS, to_dynamic
+from .int4 import BLOCK_SIZE, MIN_OPSET as INT4_OPSET, constant_tables, to_int4, to_opset
+from .sites import MIN_OPSET, Site, find_sites, make_plan, needed_statistics, rewrite
+from ...core.runtime import kernels, make_session, measure_latencies, run
+from ..base import Context, Decision, Pass, PassResult, register
 
 PRECISIONS = ("fp32", "int8")
+MAX_LIVE_SESSIONS = 8  # latency measurement: sessions alive at once (MiniLM: ~90 MB each)
 ACTIVATION_MODES = ("static", "dynamic")
 INTEGER_KERNELS = {"QLinearConv", "QLinearMatMul", "QGemm", "MatMulIntegerToFloat", "ConvInteger", "MatMulInteger",
                    "DynamicQuantizeMatMul"}
@@ -99,10 +100,13 @@ class QDQ(Pass):
             return PassResult(model, False, decisions=decisions)
         if ctx.inputs is None or ctx.inputs.synthetic:
             raise UsageError("the qdq pass needs real calibration data (--calib)")
+        if self.min_agreement is not None and not ctx.class_scores(model):
+            raise UsageError(f"qdq: min_agreement needs a class-score output, and {', '.join(model.output_names())} "
+                             "is not one (say --output-kind NAME=scores if it is, or use max_error)")
         overrides = self._overrides(usable)
 
         dynamic = {s.node for s in usable if s.op_type in DYNAMIC_OPS} if self.activations == "dynamic" else set()
-        calib = ctx.inputs.calibration[: self.calibration_samples]
+        calib = ctx.inputs.fit[: self.calibration_samples]
         notes: dict[str, str] = {}
         if dynamic and self.smoothing:
             ctx.progress(f"qdq: choosing activation smoothing for {len(dynamic)} dynamic sites")
@@ -114,6 +118,7 @@ class QDQ(Pass):
         ranges, methods = self._calibrate(model, [s for s in sites if s.node not in dynamic], calib, ctx)
         probe = first_rows(calib, self.sensitivity_samples)
         reference = run(make_session(model, ctx.runtime), probe)
+        scores = ctx.class_scores(model)
 
         by_name = {s.node: s for s in sites}
         tables = constant_tables(model) if self.int4 else []
@@ -139,7 +144,7 @@ class QDQ(Pass):
             return to_int4(out, {weight_of[n]: int4_axis[n] for n in sorted(int4)}) if int4 else out
 
         def measure(int8: set[str], int4: set[str] = frozenset()) -> float:
-            return distortion(reference, run(make_session(build(int8, int4), ctx.runtime), probe))
+            return distortion(reference, run(make_session(build(int8, int4), ctx.runtime), probe), scores)
 
         ctx.progress(f"qdq: sensitivity of {len(usable)} sites on {len(probe)} samples")
         sensitivity = {s.node: measure({s.node}) for s in usable}
@@ -159,7 +164,7 @@ class QDQ(Pass):
         int4 = {name for name, label in chosen.items() if label == "int4"}
         plan = plan_for(int8 - dynamic)
         result = build(int8, int4)
-        measured = distortion(reference, run(make_session(result, ctx.runtime), probe))
+        measured = distortion(reference, run(make_session(result, ctx.runtime), probe), scores)
         ran = kernels(result, ctx.runtime)
         predicted = sum(sensitivity[n] for n in int8) + sum(sensitivity4[n] for n in int4)
         for t in tables:
@@ -183,7 +188,7 @@ class QDQ(Pass):
         """Options priced in milliseconds: each site's cost of staying float, measured against the all-int8
         model; budget from target_speedup, or the all-int8 latency plus latency_slack."""
         ctx.progress("qdq: latency of each site kept in float, against the all-int8 model")
-        feed = single_sample(probe[0])
+        feed = ctx.latency_feed(model)
         ends = [make_session(m, ctx.runtime) for m in (model, build(all_int8))]
         fp32_ms, int8_ms = (l.median_ms for l in measure_latencies(ends, feed, min_seconds=0.5))
         accuracy_mode = self.min_agreement is not None or self.max_error is not None
@@ -194,10 +199,16 @@ class QDQ(Pass):
             choice = {o.name: o.options[0] for o in options}
             return (Allocation(choice, 0.0, sum(o.distortion for o in choice.values()), 0.0, "no float budget"),
                     {s.node: "not measured (latency_slack 0)" for s in usable})
-        sessions = [ends[1]] + [make_session(build(all_int8 - {s.node}), ctx.runtime) for s in usable]
-        lat = measure_latencies(sessions, feed, warmup=5, repeats=30, min_seconds=0.2, max_seconds=2.0)
-        del sessions, ends
-        loo = {s.node: max(0.0, l.median_ms - lat[0].median_ms) for s, l in zip(usable, lat[1:])}
+        # one site left float at a time, against the all-int8 model timed in the same interleaved round; a bounded
+        # number of sessions is alive at once (each holds a copy of the weights)
+        loo = {}
+        for start in range(0, len(usable), MAX_LIVE_SESSIONS - 1):
+            chunk = usable[start:start + MAX_LIVE_SESSIONS - 1]
+            sessions = [ends[1]] + [make_session(build(all_int8 - {s.node}), ctx.runtime) for s in chunk]
+            lat = measure_latencies(sessions, feed, warmup=5, repeats=30, min_seconds=0.2, max_seconds=2.0)
+            loo.update({s.node: max(0.0, l.median_ms - lat[0].median_ms) for s, l in zip(chunk, lat[1:])})
+            del sessions
+        del ends
         keep_cost, boundaries, beta = island_costs(model, usable, loo, fp32_ms - int8_ms)
         options = _options(usable, sensitivity, keep_cost)
         if self.min_agreement is not None or self.max_error is not None:
@@ -299,20 +310,21 @@ class QDQ(Pass):
 
     def _search(self, options: list[AllocSite], boundaries, build, overrides, ctx: Context, frontier: list[dict]):
         """Bisect the latency budget for the cheapest allocation whose measured metric meets the target."""
-        from ..numerics import compare_outputs
+        from ...core.numerics import compare_outputs
 
-        validation = ctx.inputs.validation
-        reference = run(make_session(build(set()), ctx.runtime), validation)
+        selection = ctx.inputs.for_selection  # never the verification samples the report quotes
+        scores = ctx.class_scores(build(set()))
+        reference = run(make_session(build(set()), ctx.runtime), selection)
 
         def meets(allocation) -> bool:
             int8 = {n for n, o in allocation.choice.items() if o.label == "int8"}
             int8 = {n for n in int8 if overrides.get(n, "int8") == "int8"} | \
                 {n for n, v in overrides.items() if v == "int8"}
-            metrics = compare_outputs(reference, run(make_session(build(int8), ctx.runtime), validation))
+            metrics = compare_outputs(reference, run(make_session(build(int8), ctx.runtime), selection), scores)
             agreement = min((m.top1_agreement for m in metrics if m.top1_agreement is not None), default=None)
             error = max(m.rel_l2 for m in metrics)
             ok = (self.max_error is None or error <= self.max_error) and \
-                 (self.min_agreement is None or agreement is None or agreement >= self.min_agreement)
+                 (self.min_agreement is None or (agreement is not None and agreement >= self.min_agreement))
             frontier.append({"budget_ms": round(allocation.budget, 4), "float_sites": len(allocation.choice) - len(int8),
                              "predicted_distortion": allocation.distortion, "rel_l2": error,
                              "top1_agreement": agreement, "meets_target": ok})
@@ -337,7 +349,7 @@ class QDQ(Pass):
         return best
 
     def _calibrate(self, model: Model, sites: list[Site], calib, ctx: Context):
-        from ..capture import collect_stats
+        from ...core.capture import collect_stats
 
         tensors = needed_statistics(model, sites)
         if not tensors:
@@ -416,15 +428,6 @@ def first_rows(feeds: list[dict[str, np.ndarray]], rows: int) -> list[dict[str, 
         if total >= rows:
             break
     return out
-
-
-def single_sample(feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The first sample of a batched feed (latency is budgeted per sample), or the feed itself when its inputs do
-    not share one leading batch axis."""
-    leading = {a.shape[0] for a in feed.values() if a.ndim}
-    if len(leading) != 1 or leading == {1} or any(a.ndim == 0 for a in feed.values()):
-        return feed
-    return {k: a[:1] for k, a in feed.items()}
 
 
 def _options(usable: list[Site], sensitivity: dict, keep_cost: dict) -> list[AllocSite]:

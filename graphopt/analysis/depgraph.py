@@ -14,7 +14,7 @@ import networkx as nx
 import onnx
 from onnx import helper
 
-from .editing import has_subgraph, node_inputs
+from ..core.editing import has_subgraph, node_inputs
 
 JOIN_OPS = {"Add", "Sub", "Mul", "Sum", "Concat"}
 

@@ -19,7 +19,7 @@ import onnx
 from google.protobuf.message import DecodeError
 from onnx import numpy_helper
 
-from ._version import __version__
+from .._version import __version__
 from .errors import InputError
 
 # onnxruntime only guarantees operators from this default-domain opset on.
@@ -119,7 +119,7 @@ class Model:
         return make_model_like(self, exported.graph)
 
     def dependency_graph(self):
-        from .depgraph import DependencyGraph  # built on demand, thrown away by the caller
+        from ..analysis.depgraph import DependencyGraph  # built on demand, thrown away by the caller
 
         return DependencyGraph(self)
 

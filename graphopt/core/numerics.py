@@ -27,20 +27,53 @@ class OutputMetrics:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    @classmethod
-    def default_for(cls, lossy: bool) -> "Tolerance":
-        """Exact rewrites: the strict defaults. Lossy passes (their own budgets set the quality): only a guard
-        that catches a broken result (cosine at least 0.9, no new NaN/Inf); tighten it with --max-error etc."""
-        return cls(max_rel_l2=None, min_cosine=0.9) if lossy else cls()
+
+OUTPUT_KINDS = ("scores", "other")
+_SCORE_NAMES = ("logit", "score", "prob", "class", "label", "pred")
+_OTHER_NAMES = ("embed", "feature", "hidden", "pool", "latent", "eps", "noise")
+_SCORE_PRODUCERS = {"Gemm", "Softmax", "LogSoftmax"}
 
 
-def looks_like_class_scores(arr: np.ndarray) -> bool:
-    """A float [batch, classes] output with at least two classes."""
-    return arr.ndim == 2 and arr.shape[1] >= 2 and np.issubdtype(arr.dtype, np.floating)
+def class_score_outputs(model, kinds: dict[str, str] | None = None) -> frozenset[str]:
+    """The outputs that are class scores, for which top-1 agreement and a softmax KL mean something: those the
+    user names (`kinds`: output -> "scores" | "other"), else 2-D float outputs with at least two columns whose
+    name says so (logits, scores, probs, ...) or that come straight from a classifier head (Gemm, Softmax,
+    LogSoftmax) and are not named like an embedding. A [batch, 384] sentence embedding is not class scores."""
+    from onnx import TensorProto
+
+    kinds = dict(kinds or {})
+    graph = model.graph
+    unknown = set(kinds) - {o.name for o in graph.output}
+    if unknown:
+        raise UsageError(f"--output-kind names {sorted(unknown)}, which are not model outputs "
+                         f"({', '.join(o.name for o in graph.output)})")
+    for name, kind in kinds.items():
+        if kind not in OUTPUT_KINDS:
+            raise UsageError(f"--output-kind {name}={kind}: the kind must be one of {', '.join(OUTPUT_KINDS)}")
+    producer = {out: n.op_type for n in graph.node for out in n.output}
+    scores = set()
+    for o in graph.output:
+        if o.name in kinds:
+            if kinds[o.name] == "scores":
+                scores.add(o.name)
+            continue
+        tt = o.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
+        floating = tt.elem_type in (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16)
+        if not (floating and len(dims) == 2 and (dims[1] is None or dims[1] >= 2)):
+            continue
+        lower = o.name.lower()
+        if any(h in lower for h in _OTHER_NAMES):
+            continue
+        if any(h in lower for h in _SCORE_NAMES) or producer.get(o.name) in _SCORE_PRODUCERS:
+            scores.add(o.name)
+    return frozenset(scores)
 
 
-def compare_outputs(reference: list[dict[str, np.ndarray]], candidate: list[dict[str, np.ndarray]]) -> list[OutputMetrics]:
-    """Per-output error statistics between two runs over the same list of feeds."""
+def compare_outputs(reference: list[dict[str, np.ndarray]], candidate: list[dict[str, np.ndarray]],
+                    scores: frozenset[str] | set[str] = frozenset(), suffix: str = "") -> list[OutputMetrics]:
+    """Per-output error statistics between two runs over the same list of feeds; top-1 agreement for the
+    outputs named in `scores` (see class_score_outputs). `suffix` is appended to the reported names."""
     if len(reference) != len(candidate):
         raise ValueError("reference and candidate ran on different numbers of samples")
     if not reference:
@@ -49,10 +82,12 @@ def compare_outputs(reference: list[dict[str, np.ndarray]], candidate: list[dict
     missing = [n for n in names if n not in candidate[0]]
     if missing:
         raise ValueError(f"candidate model lacks outputs {missing}")
-    return [_compare_one(name, [r[name] for r in reference], [c[name] for c in candidate]) for name in names]
+    return [_compare_one(name, [r[name] for r in reference], [c[name] for c in candidate], name in scores, suffix)
+            for name in names]
 
 
-def _compare_one(name: str, refs: list[np.ndarray], news: list[np.ndarray]) -> OutputMetrics:
+def _compare_one(name: str, refs: list[np.ndarray], news: list[np.ndarray], scores: bool, suffix: str
+                 ) -> OutputMetrics:
     max_abs = 0.0
     abs_sum = 0.0
     count = 0
@@ -60,7 +95,6 @@ def _compare_one(name: str, refs: list[np.ndarray], news: list[np.ndarray]) -> O
     ref_sq = 0.0
     cosines = []
     agree = total_rows = 0
-    scores = True
     bad_ref = bad_new = 0
     for ref, new in zip(refs, news):
         if ref.shape != new.shape:
@@ -86,15 +120,14 @@ def _compare_one(name: str, refs: list[np.ndarray], news: list[np.ndarray]) -> O
             cosines.append(1.0)
         else:
             cosines.append(0.0)
-        scores = scores and looks_like_class_scores(ref)
-        if scores:
+        if scores and ref.ndim == 2:
             agree += int(np.count_nonzero(ref.argmax(axis=1) == new.argmax(axis=1)))
             total_rows += ref.shape[0]
     rel = math.sqrt(diff_sq / ref_sq) if ref_sq > 0 else (0.0 if diff_sq == 0 else math.inf)
     return OutputMetrics(
-        name=name, max_abs=max_abs, mean_abs=abs_sum / count if count else 0.0, rel_l2=rel,
+        name=name + suffix, max_abs=max_abs, mean_abs=abs_sum / count if count else 0.0, rel_l2=rel,
         cosine=float(np.mean(cosines)) if cosines else 1.0,
-        top1_agreement=(agree / total_rows) if scores and total_rows else None,
+        top1_agreement=(agree / total_rows) if total_rows else None,
         nonfinite_ref=bad_ref, nonfinite_new=bad_new, samples=len(refs))
 
 
@@ -145,11 +178,27 @@ class Tolerance:
     @classmethod
     def default_for(cls, lossy: bool) -> "Tolerance":
         """Exact rewrites: the strict defaults. Lossy passes (their own budgets set the quality): only a guard
-        that catches a broken result (cosine at least 0.9, no new NaN/Inf); tighten it with --max-error etc."""
-        return cls(max_rel_l2=None, min_cosine=0.9) if lossy else cls()
+        that catches a broken result: cosine at least 0.9, relative L2 at most 0.45 (cosine alone cannot see a
+        scale error: 1.5x the reference has cosine 1 and relative L2 0.5), no new NaN/Inf."""
+        return cls(max_rel_l2=LOSSY_GUARD_REL_L2, min_cosine=LOSSY_GUARD_COSINE) if lossy else cls()
+
+    def is_set(self) -> bool:
+        return any(v is not None for v in asdict(self).values())
+
+    def describe(self) -> str:
+        parts = [f"relative L2 <= {self.max_rel_l2:g}" if self.max_rel_l2 is not None else "",
+                 f"max abs <= {self.max_abs:g}" if self.max_abs is not None else "",
+                 f"cosine >= {self.min_cosine:g}" if self.min_cosine is not None else "",
+                 f"top-1 agreement >= {self.min_top1_agreement:g}" if self.min_top1_agreement is not None else ""]
+        return ", ".join(p for p in parts if p) or "no new NaN/Inf"
 
 
-def output_distortion(reference: list[dict], candidate: list[dict]) -> float:
+LOSSY_GUARD_COSINE = 0.9
+LOSSY_GUARD_REL_L2 = 0.45
+
+
+def output_distortion(reference: list[dict], candidate: list[dict], scores: frozenset[str] | set[str] = frozenset()
+                      ) -> float:
     """How far a compressed model's outputs are from the original's, as the lossy passes score options: mean
     KL(softmax(ref) || softmax(new)) for class scores, else normalised MSE, summed over outputs, averaged over
     feeds."""
@@ -157,7 +206,7 @@ def output_distortion(reference: list[dict], candidate: list[dict]) -> float:
     for ref, new in zip(reference, candidate):
         for name, r in ref.items():
             r64, n64 = r.astype(np.float64), new[name].astype(np.float64)
-            if looks_like_class_scores(r):
+            if name in scores and r.ndim == 2:
                 p, q = _log_softmax(r64), _log_softmax(n64)
                 total += float(np.mean(np.sum(np.exp(p) * (p - q), axis=1)))
             else:
