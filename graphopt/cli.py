@@ -399,7 +399,7 @@ def cmd_compare(args) -> int:
                       "-" if m.top1_agreement is None else f"{m.top1_agreement:.2%}", str(m.nonfinite_new))
     console = Console(highlight=False)
     console.print(table)
-    violations = (_tolerance(args) or Tolerance()).violations(metrics)
+    violations = (_tolerance(args) or Tolerance.exact()).violations(metrics)
     if violations:
         raise VerificationError("; ".join(violations))
     console.print("[green]within tolerance[/green]")

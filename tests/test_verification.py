@@ -256,3 +256,28 @@ def test_no_pass_reads_the_verification_samples(spec):
         assert result.details["frontier"] and all(f["meets_target"] is not None for f in result.details["frontier"])
     else:
         assert result.changed
+
+
+def test_cli_a_users_bound_replaces_the_exact_default_and_a_rolled_back_lossy_run_exits_1(tmp_path):
+    """`prune:ratio=0.5 --min-cosine 0.95` on the bundled model: cosine ~0.97, relative L2 ~0.25: applied, exit 0
+    (it used to be rolled back for relative L2 > 1e-4 and still say "verification passed"). With a bound it
+    misses, the only lossy pass is rolled back and the run exits 1 without writing."""
+    import subprocess
+    from pathlib import Path
+
+    examples = Path(__file__).resolve().parent.parent / "examples"
+    base = ["graphopt", "optimize", str(examples / "fashion_cnn.onnx"), "--pass", "prune:ratio=0.5",
+            "--calib", str(examples / "fashion_test.npz"), "--no-latency", "-q"]
+    out = tmp_path / "p.onnx"
+    ok = subprocess.run(base + ["--min-cosine", "0.95", "-o", str(out), "--report", str(tmp_path / "r.json")],
+                        capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0, ok.stderr
+    import json
+
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert data["passes"][0]["status"] == "applied" and data["tolerance"]["max_rel_l2"] is None
+    assert data["verification"]["metrics"][0]["rel_l2"] > 1e-4 and out.exists()
+    missed = subprocess.run(base + ["--min-cosine", "0.9999", "-o", str(tmp_path / "q.onnx")],
+                            capture_output=True, text=True, timeout=300)
+    assert missed.returncode == 1 and "every lossy pass asked for was rolled back" in missed.stderr
+    assert not (tmp_path / "q.onnx").exists()

@@ -133,14 +133,13 @@ def _compare_one(name: str, refs: list[np.ndarray], news: list[np.ndarray], scor
 
 @dataclass(frozen=True)
 class Tolerance:
-    """When a candidate counts as computing what the original did. `None` leaves a check off.
-
-    Defaults suit exact rewrites in float32 (BN folding, dead code, constant folding): the relative L2 error
-    must stay under 1e-4 of the output's norm, and the candidate must not produce NaN/Inf where the
-    reference did not. Lossy passes need looser, user-chosen bounds (`--max-error`, `--min-agreement`, ...).
+    """When a candidate counts as computing what the original did. `None` leaves a check off; a new NaN/Inf
+    always fails. The bounds given are the whole criterion: `Tolerance(min_cosine=0.95)` checks cosine only.
+    `Tolerance.exact()` suits exact rewrites in float32 (BN folding, dead code, constant folding): relative L2
+    error at most 1e-4 of the output's norm; `default_for(lossy=True)` is the guard for lossy passes.
     """
 
-    max_rel_l2: float | None = 1e-4
+    max_rel_l2: float | None = None
     max_abs: float | None = None
     min_cosine: float | None = None
     min_top1_agreement: float | None = None
@@ -180,7 +179,11 @@ class Tolerance:
         """Exact rewrites: the strict defaults. Lossy passes (their own budgets set the quality): only a guard
         that catches a broken result: cosine at least 0.9, relative L2 at most 0.45 (cosine alone cannot see a
         scale error: 1.5x the reference has cosine 1 and relative L2 0.5), no new NaN/Inf."""
-        return cls(max_rel_l2=LOSSY_GUARD_REL_L2, min_cosine=LOSSY_GUARD_COSINE) if lossy else cls()
+        return cls(max_rel_l2=LOSSY_GUARD_REL_L2, min_cosine=LOSSY_GUARD_COSINE) if lossy else cls.exact()
+
+    @classmethod
+    def exact(cls) -> "Tolerance":
+        return cls(max_rel_l2=EXACT_REL_L2)
 
     def is_set(self) -> bool:
         return any(v is not None for v in asdict(self).values())
@@ -193,6 +196,7 @@ class Tolerance:
         return ", ".join(p for p in parts if p) or "no new NaN/Inf"
 
 
+EXACT_REL_L2 = 1e-4
 LOSSY_GUARD_COSINE = 0.9
 LOSSY_GUARD_REL_L2 = 0.45
 
