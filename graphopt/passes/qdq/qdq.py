@@ -57,7 +57,7 @@ class QDQ(Pass):
     calibration_samples: int = 64
     sensitivity_samples: int = 16  # rows (batch entries), not feeds: a batched feed counts as its batch size
     overrides: str | None = None  # JSON {site: "fp32" | "int8"} applied after the allocation
-    # Accuracy-target mode: the fastest assignment whose measured metric on the validation inputs meets these.
+    # Accuracy-target mode: the fastest assignment whose measured metric on the selection samples meets these.
     min_agreement: float | None = None  # top-1 agreement with the original (class-score outputs)
     max_error: float | None = None  # relative L2 error of every output
 
