@@ -265,3 +265,39 @@ def test_bias_correction_removes_the_mean_shift_on_real_images():
     shift_before = np.abs((before - ref).mean(axis=0)).mean()
     shift_after = np.abs((after - ref).mean(axis=0)).mean()
     assert shift_after < 0.7 * shift_before, (shift_before, shift_after)
+
+
+def test_latency_costs_are_measured_in_a_bounded_number_of_live_sessions(monkeypatch):
+    """Each session holds a copy of the weights (MiniLM: ~90 MB): leaving one site float at a time must not keep
+    one session per site alive at once."""
+    import weakref
+
+    from graphopt.core.calibration import split_samples
+    from graphopt.passes.qdq import qdq as qdq_module
+
+    rng = np.random.default_rng(5)
+    n_sites = 2 * qdq_module.MAX_LIVE_SESSIONS + 3
+    nodes, inits, x = [], [], "x"
+    for i in range(n_sites):
+        inits.append(init(f"w{i}", rng.standard_normal((16, 16)).astype(np.float32) * 0.3))
+        nodes += [helper.make_node("MatMul", [x, f"w{i}"], [f"m{i}"], name=f"mm{i}"),
+                  helper.make_node("Relu", [f"m{i}"], [f"r{i}"], name=f"relu{i}")]
+        x = f"r{i}"
+    model = Model(make(nodes, [fvi("x", [4, 16])], [fvi(x, [4, 16])], inits))
+    live, peak = set(), [0]
+    real = qdq_module.make_session
+
+    def counting(m, settings=None):
+        session = real(m, settings)
+        key = id(session)
+        live.add(key)
+        peak[0] = max(peak[0], len(live))
+        weakref.finalize(session, live.discard, key)
+        return session
+
+    monkeypatch.setattr(qdq_module, "make_session", counting)
+    feeds = [{"x": rng.standard_normal((4, 16)).astype(np.float32)} for _ in range(24)]
+    ctx = Context(inputs=split_samples(feeds), runtime=graphopt.RuntimeSettings(intra_op_threads=1))
+    result = create("qdq", {"sensitivity_samples": "4"}).run(model, ctx)
+    assert result.counters["sites"] == n_sites
+    assert peak[0] <= qdq_module.MAX_LIVE_SESSIONS + 2, peak[0]  # + the fp32 and all-int8 reference sessions
