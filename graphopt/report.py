@@ -130,9 +130,6 @@ class Report:
                         _delta(self.before.parameters, after.parameters))
         summary.add_row("size", _mb(self.before.bytes), _mb(after.bytes), _delta(self.before.bytes, after.bytes))
         if self.latency_before and self.latency_after:
-            threads = self.latency_before.threads
-            shape = ", ".join(f"{k} {'x'.join(map(str, v))}" for k, v in (self.latency_shape or {}).items())
-            summary.add_row("latency at", shape, f"{threads} thread{'s' if threads != 1 else ''}", "")
             summary.add_row("latency median (ms)", f"{self.latency_before.median_ms:.3f}",
                             f"{self.latency_after.median_ms:.3f}", f"{self.speedup:.2f}x speed-up")
             summary.add_row("latency p90 (ms)", f"{self.latency_before.p90_ms:.3f}",
@@ -140,6 +137,12 @@ class Report:
         for op, (b, a) in _op_changes(self.before.op_counts, after.op_counts).items():
             summary.add_row(f"  {op}", str(b), str(a), _delta(b, a))
         console.print(summary)
+        if self.latency_before and self.latency_after:
+            threads = self.latency_before.threads
+            shape = ", ".join(f"{k} {'x'.join(map(str, v))}" for k, v in (self.latency_shape or {}).items())
+            console.print(f"latency: onnxruntime at {shape or 'the first sample'}, {threads} intra-op "
+                          f"thread{'s' if threads != 1 else ''}, {self.latency_before.runs}+{self.latency_after.runs} "
+                          "runs interleaved", markup=False)
 
         passes = Table(title="passes")
         for col in ("pass", "status", "time (s)", "what it did"):
