@@ -17,6 +17,7 @@ from rich.console import Console
 from . import __version__
 from .core.calibration import latency_feed, parse_shapes, prepare_inputs
 from .analysis.allocate import BudgetInfeasible
+from .analysis.depgraph import DependencyGraph
 from .core.errors import GraphoptError, InputError, UsageError, VerificationError
 from .core.model import Model
 from .core.numerics import Tolerance, class_score_outputs, compare_outputs
@@ -351,7 +352,7 @@ def cmd_inspect(args) -> int:
 
 
 def inspect_model(model: Model) -> dict:
-    dg = model.dependency_graph()
+    dg = DependencyGraph(model)
 
     def tensor(name):
         t = dg.tensor(name)

@@ -7,6 +7,7 @@ import torch
 from builders import RNG, fvi, init, make, resnet_like, torch_export
 from onnx import helper
 
+from graphopt.analysis.depgraph import DependencyGraph
 from graphopt.core.model import Model
 
 
@@ -22,7 +23,7 @@ def _branchy():
 
 
 def test_producers_consumers_weights_and_shapes():
-    dg = _branchy().dependency_graph()
+    dg = DependencyGraph(_branchy())
     assert dg.producer("c1") == "conv1" and dg.producer("x") is None
     assert sorted(dg.consumers("x")) == ["conv1", "conv2"]
     assert dg.weights("conv1") == {1: "w1"}
@@ -35,7 +36,7 @@ def test_producers_consumers_weights_and_shapes():
 
 
 def test_chains_joins_and_forks():
-    dg = _branchy().dependency_graph()
+    dg = DependencyGraph(_branchy())
     assert dg.linear_chains() == [["conv1", "relu1"], ["add", "relu2"]]
     (join,) = dg.joins()
     assert join.node == "add" and set(join.branch_inputs) == {"r1", "c2"}
@@ -44,7 +45,7 @@ def test_chains_joins_and_forks():
 
 def test_resnet_blocks_are_found_in_an_exported_model():
     proto = torch_export(resnet_like(), (torch.randn(1, 3, 16, 16),), ["image"], ["logits"])
-    dg = Model(proto).dependency_graph()
+    dg = DependencyGraph(Model(proto))
     joins = [j for j in dg.joins() if j.op_type == "Add"]
     assert len(joins) == 2
     for join in joins:

@@ -42,6 +42,7 @@ from onnx import helper, numpy_helper
 from .errors import InputError
 from .model import Model
 from .runtime import RuntimeSettings, make_session
+from .shapes import tensor_infos
 
 METHODS = ("minmax", "percentile", "entropy", "mse")
 _CHUNK = 1 << 20  # values folded per step: bounds the temporaries of one update
@@ -497,8 +498,6 @@ def collect_stats(model, tensors: Iterable[str], samples, *, settings: RuntimeSe
     model = model if isinstance(model, Model) else Model.from_proto(model)
     graph = model.graph
     wanted = list(dict.fromkeys(tensors))
-    from ..analysis.depgraph import tensor_infos  # deferred: depgraph pulls in networkx
-
     infos = tensor_infos(model.proto)
     produced = {o for n in graph.node for o in n.output if o}
     inputs = {i.name for i in graph.input}
@@ -551,8 +550,6 @@ def stream_tensors(model: Model, names: list[str], samples, *, settings: Runtime
     CalibrationDataReader."""
     session = None
     if names:
-        from ..analysis.depgraph import tensor_infos  # deferred: depgraph pulls in networkx
-
         infos = tensor_infos(model.proto)
         outputs = {o.name for o in model.graph.output}
         augmented = model.copy()

@@ -118,11 +118,6 @@ class Model:
         exported = gs.export_onnx(graph, do_type_check=False)
         return make_model_like(self, exported.graph)
 
-    def dependency_graph(self):
-        from ..analysis.depgraph import DependencyGraph  # built on demand, thrown away by the caller
-
-        return DependencyGraph(self)
-
     # ----------------------------------------------------------------- saving
     def with_provenance(self, passes: list[str]) -> "Model":
         """A copy that records in metadata_props which graphopt version and passes produced it."""

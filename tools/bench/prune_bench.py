@@ -151,7 +151,7 @@ def _tp_version() -> str:
 
 def analysis_timing(nodes: int = 10_000, repeats: int = 3) -> str:
     from graphopt.analysis.channel_groups import analyse
-    from graphopt.analysis.depgraph import tensor_infos
+    from graphopt.core.shapes import tensor_infos
     from graphopt.report import machine
 
     model = big_graph(nodes)

@@ -12,10 +12,10 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ...analysis.depgraph import tensor_infos
 from ...core.editing import (all_names, drop_stale_value_info, has_subgraph, live_tensors, node_inputs, rename_output,
                        replace_input, unique_name)
 from ...core.model import Model
+from ...core.shapes import tensor_infos
 from ..base import Context, Decision, Pass, PassResult, register
 
 DEFAULT_DOMAINS = ("", "ai.onnx")
