@@ -14,12 +14,20 @@ union-find wherever two layouts meet (residual Add/Sub/Mul, batched MatMul heads
 this module has no rule for, graph outputs, shared weights, norms and softmaxes over the channel axis freeze the
 groups they touch, with the reason kept for the report. What each node needs rewritten when channels go is kept
 in `plans` for `prune_build`.
+
+Each op's rule lives in `CHANNEL_RULES`, keyed by (domain, op_type); `register_channel_rule` (or the `channel_rule`
+context manager) adds one for a custom op, either a built-in rule by name ("pass_through", "elementwise", "pool")
+or a function `rule(cg, node, reads)` written against the helpers below, the way Torch-Pruning takes customized
+pruners.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
+from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from fractions import Fraction
 
@@ -33,7 +41,6 @@ UNARY = {"Relu", "LeakyRelu", "Elu", "Selu", "Celu", "Sigmoid", "HardSigmoid", "
          "Softsign", "Gelu", "Erf", "Exp", "Log", "Abs", "Neg", "Sqrt", "Reciprocal", "Floor", "Ceil", "Round",
          "Sign", "Sin", "Cos", "Identity", "Dropout", "Cast", "Clip", "Mish", "ThresholdedRelu", "IsNaN", "IsInf",
          "Not", "Shrink"}
-PRODUCERS = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
 POOLS = {"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPool", "GlobalLpPool"}
 ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean", "Where", "PRelu", "Equal", "Less",
                "Greater", "And", "Or"}
@@ -230,19 +237,17 @@ class ChannelGroups:
 
     # ------------------------------------------------------------------------------------------------ visit
     def _visit(self, node: onnx.NodeProto) -> None:
-        op = node.op_type
         reads = [n for n in node.input if n in self.tracked]
-        custom = node.domain not in ("", "ai.onnx")
-        if custom or any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
+        # If/Loop/Scan bodies are not walked, so what they do with the channels is unknown
+        if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
             self._freeze_inputs(node)
             return
-        handler = _HANDLERS.get(op)
-        if handler is None:
-            if reads:
-                self._freeze_inputs(node)
+        rule = CHANNEL_RULES.get((_domain(node.domain), node.op_type))
+        if rule is None:  # an op we know nothing about may mix or read its channels: keep them all
+            self._freeze_inputs(node)
             return
-        if reads or op in PRODUCERS:
-            handler(self, node, reads)
+        if reads or rule.source:
+            rule.apply(self, node, reads)
 
     # ---------------------------------------------------------------------------------------------- results
     def groups(self) -> list[Group]:
@@ -869,18 +874,100 @@ def _resize(cg, node, reads):
     cg._set(node.output[0], tr.axis, tr.layout)
 
 
-_HANDLERS = {
-    "Conv": _conv, "ConvTranspose": _conv_transpose, "Gemm": _gemm, "MatMul": _matmul,
-    **{op: _unary for op in UNARY}, **{op: _pool for op in POOLS},
-    "BatchNormalization": _norm, "InstanceNormalization": _norm,
-    "LayerNormalization": _layernorm, "Softmax": _softmax, "LogSoftmax": _softmax, "Hardmax": _softmax,
-    **{op: _elementwise for op in ELEMENTWISE},
-    "Concat": _concat, "Split": _split, "Slice": _slice, "Transpose": _transpose, "Unsqueeze": _unsqueeze,
-    "Squeeze": _squeeze, "Flatten": _flatten, "Reshape": _reshape, "Shape": _shape, "Gather": _gather,
-    **{op: _reduce for op in ("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1",
-                              "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare")},
-    "Pad": _pad, "Resize": _resize,
+# --------------------------------------------------------------------------------------------- rule registry
+@dataclass(frozen=True)
+class ChannelRule:
+    """How one op type moves channel layouts from its inputs to its outputs.
+
+    `apply(cg, node, reads)` (reads: the node's inputs that carry channels) sets `cg.tracked` for the outputs it
+    passes channels to (`cg._set`), joins layouts (`cg._unify`), freezes what it cannot follow (`cg._freeze`,
+    `cg._freeze_inputs`) and records in `cg.plans[node.name]` what the build must slice (a Plan("elementwise")
+    slice for a per-channel constant, for instance). An output it does not track carries no channels.
+    """
+
+    apply: Callable[[ChannelGroups, onnx.NodeProto, list[str]], None]
+    source: bool = False  # also applied to nodes that read no channels (producers start new groups)
+
+
+# Ready-made rules a custom op can reuse by name.
+BUILTIN_RULES: dict[str, ChannelRule] = {
+    "pass_through": ChannelRule(_unary),  # one channel in -> the same channel out; other inputs carry none
+    "elementwise": ChannelRule(_elementwise),  # broadcasting join; per-channel constant inputs are sliced
+    "pool": ChannelRule(_pool),  # works over the spatial axes, channels on axis 1
 }
+
+_REDUCES = ("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2",
+            "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare")
+
+# (domain, op_type) -> rule; the default ONNX domain is "". Extend it with register_channel_rule.
+CHANNEL_RULES: dict[tuple[str, str], ChannelRule] = {
+    **{("", op): ChannelRule(fn, source=True) for op, fn in (
+        ("Conv", _conv), ("ConvTranspose", _conv_transpose), ("Gemm", _gemm), ("MatMul", _matmul))},
+    **{("", op): BUILTIN_RULES["pass_through"] for op in UNARY},
+    **{("", op): BUILTIN_RULES["pool"] for op in POOLS},
+    **{("", op): ChannelRule(_norm) for op in ("BatchNormalization", "InstanceNormalization")},
+    ("", "LayerNormalization"): ChannelRule(_layernorm),
+    **{("", op): ChannelRule(_softmax) for op in ("Softmax", "LogSoftmax", "Hardmax")},
+    **{("", op): BUILTIN_RULES["elementwise"] for op in ELEMENTWISE},
+    **{("", op): ChannelRule(fn) for op, fn in (
+        ("Concat", _concat), ("Split", _split), ("Slice", _slice), ("Transpose", _transpose),
+        ("Unsqueeze", _unsqueeze), ("Squeeze", _squeeze), ("Flatten", _flatten), ("Reshape", _reshape),
+        ("Shape", _shape), ("Gather", _gather), ("Pad", _pad), ("Resize", _resize))},
+    **{("", op): ChannelRule(_reduce) for op in _REDUCES},
+}
+
+
+def _domain(domain: str) -> str:
+    return "" if domain in ("", "ai.onnx") else domain
+
+
+def _as_rule(rule) -> ChannelRule:
+    """A ChannelRule, the name of a built-in rule, or a function apply(cg, node, reads)."""
+    if isinstance(rule, ChannelRule):
+        return rule
+    if isinstance(rule, str):
+        if rule not in BUILTIN_RULES:
+            raise ValueError(f"unknown channel rule {rule!r}: the built-in ones are {sorted(BUILTIN_RULES)}")
+        return BUILTIN_RULES[rule]
+    if callable(rule):
+        try:
+            inspect.signature(rule).bind(None, None, None)
+        except TypeError:
+            raise TypeError(f"channel rule {rule!r} must take (cg, node, reads)") from None
+        except ValueError:  # no signature to inspect (some builtins): let the call decide
+            pass
+        return ChannelRule(rule)
+    raise TypeError(f"a channel rule is a ChannelRule, a function rule(cg, node, reads) or one of "
+                    f"{sorted(BUILTIN_RULES)}; got {type(rule).__name__} {rule!r}")
+
+
+def register_channel_rule(op_type: str, rule, domain: str = "") -> ChannelRule | None:
+    """Make the analysis follow channels through `op_type` of `domain`; returns the rule it replaces, if any."""
+    if not isinstance(op_type, str) or not op_type or not isinstance(domain, str):
+        raise TypeError(f"op_type and domain must be strings (got {op_type!r}, {domain!r})")
+    rule = _as_rule(rule)  # validate before touching the registry
+    key = (_domain(domain), op_type)
+    previous = CHANNEL_RULES.get(key)
+    CHANNEL_RULES[key] = rule
+    return previous
+
+
+def unregister_channel_rule(op_type: str, domain: str = "") -> ChannelRule | None:
+    """Forget the rule for `op_type` of `domain` (its groups freeze again); returns it, or None if there was none."""
+    return CHANNEL_RULES.pop((_domain(domain), op_type), None)
+
+
+@contextmanager
+def channel_rule(op_type: str, rule, domain: str = ""):
+    """`register_channel_rule` for the duration of a `with` block; the previous rule (or none) comes back after."""
+    previous = register_channel_rule(op_type, rule, domain)
+    try:
+        yield CHANNEL_RULES[(_domain(domain), op_type)]
+    finally:
+        if previous is None:
+            unregister_channel_rule(op_type, domain)
+        else:
+            CHANNEL_RULES[(_domain(domain), op_type)] = previous
 
 
 def _topological(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
@@ -908,4 +995,5 @@ def analyse(model, infos=None) -> ChannelGroups:
     return ChannelGroups(model, infos)
 
 
-__all__ = ["ChannelGroups", "Group", "Plan", "Segment", "Tracked", "analyse", "ZERO_PRESERVING"]
+__all__ = ["ChannelGroups", "Group", "Plan", "Segment", "Tracked", "analyse", "ZERO_PRESERVING", "ChannelRule",
+           "CHANNEL_RULES", "BUILTIN_RULES", "register_channel_rule", "unregister_channel_rule", "channel_rule"]
