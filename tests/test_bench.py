@@ -36,9 +36,6 @@ def test_photo_crops_shapes_and_disjoint_splits():
     np.testing.assert_array_equal(calib, datasets.photo_crops("calibration", 6))
     # ... a prefix of a longer request, and never shared between the splits
     np.testing.assert_array_equal(calib[:3], datasets.photo_crops("calibration", 3))
-    boxes_c = set(datasets.crop_boxes("calibration", 3000))
-    boxes_e = set(datasets.crop_boxes("evaluation", 3000))
-    assert not boxes_c & boxes_e
     for a in calib:
         assert not any(np.array_equal(a, b) for b in evals)
     with pytest.raises(ValueError):
@@ -46,14 +43,51 @@ def test_photo_crops_shapes_and_disjoint_splits():
 
 
 def test_crop_geometry():
-    shapes = [img.shape[:2] for _, img in _material(datasets.photos)]
-    assert len(shapes) == len(datasets.PHOTO_NAMES) >= 5
-    for split, parity in (("calibration", 0), ("evaluation", 1)):
+    for split in ("calibration", "evaluation"):
+        shapes = [img.shape[:2] for _, img in _material(datasets.photos, split)]
+        assert len(shapes) == len(datasets.PHOTO_SPLITS[split]) >= 5
         for k, top, left, side, flip in datasets.crop_boxes(split, 200):
             h, w = shapes[k]
             assert 0.4 * min(h, w) - 1 <= side <= min(h, w)
             assert 0 <= top <= h - side and 0 <= left <= w - side
-            assert top % 2 == parity
+
+
+def test_photo_split_no_photo_in_both():
+    cal, ev = (set(datasets.PHOTO_SPLITS[s]) for s in ("calibration", "evaluation"))
+    assert cal and ev and not cal & ev
+    assert len(datasets.PHOTO_NAMES) == len(set(datasets.PHOTO_NAMES)) == len(cal) + len(ev)
+    # the two views of the stereo motorcycle are one scene: never on both sides
+    assert {"motorcycle_left", "motorcycle_right"} <= ev or {"motorcycle_left", "motorcycle_right"} <= cal
+    # every crop of a split is cut from that split's photos, and each split uses all of its photos
+    for split, names in (("calibration", cal), ("evaluation", ev)):
+        used = set(datasets.photo_names(split, 200))
+        assert used == names
+    # the pixels differ too: no photo of one split is (a copy of) a photo of the other
+    photos_c = dict(_material(datasets.photos, "calibration"))
+    photos_e = dict(datasets.photos("evaluation"))
+    for a in photos_c.values():
+        for b in photos_e.values():
+            assert a.shape != b.shape or not np.array_equal(a, b)
+    for img in (*photos_c.values(), *photos_e.values()):  # colour photos only
+        assert img.ndim == 3 and img.shape[2] == 3 and img.dtype == np.uint8
+        assert np.abs(img[..., 0].astype(int) - img[..., 1]).mean() > 1.0  # not grey
+    with pytest.raises(ValueError):
+        datasets.photos("train")
+
+
+def test_searching_contender_selects_on_feeds_it_does_not_fit_on():
+    from bench import contenders  # noqa: F401  (registers graphopt's contenders first)
+    from bench.graphopt_contenders import split_feeds
+
+    feeds = [{"image": np.full((8, 3, 2, 2), i, np.float32)} for i in range(12)]
+    inputs = split_feeds(feeds, searches=True)
+    fit_ids = {int(f["image"][0, 0, 0, 0]) for f in inputs.fit}
+    sel_ids = {int(f["image"][0, 0, 0, 0]) for f in inputs.selection}
+    assert len(fit_ids) == 9 and len(sel_ids) == 3 and not fit_ids & sel_ids
+    assert inputs.for_selection is inputs.selection
+    assert {int(f["image"][0, 0, 0, 0]) for f in inputs.verification} <= fit_ids
+    plain = split_feeds(feeds, searches=False)
+    assert len(plain.fit) == 12 and plain.selection == []
 
 
 def test_wordnet_splits_are_disjoint_and_labelled():
@@ -168,8 +202,8 @@ def test_harness_fp32_and_minmax_on_bundled_model(tmp_path):
     for line in table[2:]:
         cells = [c.strip() for c in line.strip("|").split("|")]
         rows[cells[0].strip("`")] = dict(zip(headers, cells))
-    assert set(rows) == {"fp32", "ort_minmax"}
-    acc = {k: float(r["top-1 acc"].rstrip("%")) for k, r in rows.items()}
+    assert set(rows) == {"fp32", "fp32_twin", "ort_minmax"}
+    acc = {k: float(r["top-1 acc"].rstrip("%")) for k, r in rows.items() if k != "fp32_twin"}
     assert acc["fp32"] > 85.0
     assert abs(acc["ort_minmax"] - acc["fp32"]) < 3.0
     assert rows["fp32"]["speed-up"] == "1.00×" and rows["fp32"]["agree w/ fp32"] == "100.00%"
@@ -177,6 +211,9 @@ def test_harness_fp32_and_minmax_on_bundled_model(tmp_path):
     assert "failed" not in rows["ort_minmax"]["notes"]
     for r in rows.values():
         assert float(r["latency median (ms)"]) > 0
+    # the noise floor: a second session of the fp32 file, timed in the same run; batch and threads stated
+    assert "noise floor" in text and "**batch / threads**: batch 1; 2 intra-op threads" in text
+    assert rows["fp32_twin"]["top-1 acc"] == "–" and rows["fp32_twin"]["size (MB)"] == rows["fp32"]["size (MB)"]
 
 
 def test_harness_records_a_failing_contender(tmp_path):
@@ -197,7 +234,7 @@ def test_harness_records_a_failing_contender(tmp_path):
         contenders.CONTENDERS.pop(name, None)
     text = result.markdown()
     assert "**failed**: RuntimeError: deliberate failure" in text
-    assert [r.name for r in result.rows] == ["fp32", name]
+    assert [r.name for r in result.rows] == ["fp32", "fp32_twin", name]
 
 
 def test_compare_tables():

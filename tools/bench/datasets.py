@@ -62,57 +62,71 @@ def fashion_calibration(n: int = 256, seed: int = 0) -> np.ndarray:
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
-# Real colour photos that ship inside the scikit-image and scikit-learn wheels (no download).
-PHOTO_NAMES = ("astronaut", "chelsea", "coffee", "rocket", "motorcycle", "china", "flower")
+# Real colour photos that ship inside the scikit-image and scikit-learn wheels (no download), split by photo: the
+# calibration crops (and any selection feeds cut from them) come from some photos, the evaluation crops from the
+# others, so an evaluation figure is always on photos calibration never saw. The two views of the stereo motorcycle
+# are one scene and stay together. Not used: the wheels' grey-scale, synthetic and texture images.
+PHOTO_SPLITS = {
+    "calibration": ("astronaut", "coffee", "china", "hubble_deep_field", "immunohistochemistry"),
+    "evaluation": ("chelsea", "rocket", "motorcycle_left", "motorcycle_right", "flower", "retina"),
+}
+PHOTO_NAMES = PHOTO_SPLITS["calibration"] + PHOTO_SPLITS["evaluation"]
 _CROP_SEEDS = {"calibration": 20261122, "evaluation": 7}
-# Crops of one split start on even rows, the other's on odd rows: no crop can ever be in both splits.
-_CROP_ROW_PARITY = {"calibration": 0, "evaluation": 1}
 
 
-@functools.lru_cache(maxsize=1)
-def photos() -> tuple[tuple[str, np.ndarray], ...]:
-    """(name, uint8 RGB [H, W, 3]) for every photo in PHOTO_NAMES."""
+@functools.lru_cache(maxsize=None)
+def _photo(name: str) -> np.ndarray:
     try:
         import skimage.data as skd
         from sklearn.datasets import load_sample_images
     except ImportError as exc:
         raise MaterialMissing(f"{exc.name} is missing: run tools/setup_material.sh") from None
-    samples = load_sample_images()
-    sk = {Path(f).stem: img for f, img in zip(samples.filenames, samples.images)}
-    out = []
-    for name in PHOTO_NAMES:
-        if name in sk:
-            img = sk[name]
-        elif name == "motorcycle":
-            img = skd.stereo_motorcycle()[0]  # the left view of the stereo pair
-        else:
-            img = getattr(skd, name)()
-        img = np.ascontiguousarray(np.asarray(img, np.uint8)[:, :, :3])
-        img.flags.writeable = False
-        out.append((name, img))
-    return tuple(out)
+    if name in ("china", "flower"):
+        samples = load_sample_images()
+        img = {Path(f).stem: im for f, im in zip(samples.filenames, samples.images)}[name]
+    elif name in ("motorcycle_left", "motorcycle_right"):
+        left, right, _ = skd.stereo_motorcycle()
+        img = left if name == "motorcycle_left" else right
+    else:
+        img = getattr(skd, name)()
+    img = np.ascontiguousarray(np.asarray(img, np.uint8)[:, :, :3])
+    if img.ndim != 3 or img.shape[2] != 3:
+        raise ValueError(f"photo {name!r} is not an RGB image: shape {img.shape}")
+    img.flags.writeable = False
+    return img
+
+
+def photos(split: str | None = None) -> tuple[tuple[str, np.ndarray], ...]:
+    """(name, uint8 RGB [H, W, 3]) for every photo of `split` ('calibration' or 'evaluation'), or of both."""
+    if split is not None and split not in PHOTO_SPLITS:
+        raise ValueError(f"split must be one of {sorted(PHOTO_SPLITS)}, got {split!r}")
+    names = PHOTO_SPLITS[split] if split else PHOTO_NAMES
+    return tuple((name, _photo(name)) for name in names)
 
 
 def crop_boxes(split: str, n: int) -> list[tuple[int, int, int, int, bool]]:
-    """The n crops of a split as (photo index, top, left, side, horizontal flip): square, side 0.4-1.0 of the
-    photo's shorter side, random position, flipped half of the time. Photos are taken in turn."""
+    """The n crops of a split as (photo index in `photos(split)`, top, left, side, horizontal flip): square, side
+    0.4-1.0 of the photo's shorter side, random position, flipped half of the time. The split's photos are taken
+    in turn."""
     if split not in _CROP_SEEDS:
         raise ValueError(f"split must be one of {sorted(_CROP_SEEDS)}, got {split!r}")
-    shapes = [img.shape[:2] for _, img in photos()]
+    shapes = [img.shape[:2] for _, img in photos(split)]
     rng = np.random.default_rng(_CROP_SEEDS[split])
-    parity = _CROP_ROW_PARITY[split]
     boxes = []
     for i in range(n):
         k = i % len(shapes)
         h, w = shapes[k]
         side = int(round(rng.uniform(0.4, 1.0) * min(h, w)))
-        side = min(side, min(h, w) - 1)  # leave room for a row of either parity
         top = int(rng.integers(0, h - side + 1))
-        if top % 2 != parity:
-            top = top + 1 if top + 1 <= h - side else top - 1
         left = int(rng.integers(0, w - side + 1))
         boxes.append((k, top, left, side, bool(rng.random() < 0.5)))
     return boxes
+
+
+def photo_names(split: str, n: int) -> list[str]:
+    """The photo each of the first n crops of `split` is cut from."""
+    names = PHOTO_SPLITS[split]
+    return [names[k] for k, *_ in crop_boxes(split, n)]
 
 
 def imagenet_normalize(rgb_uint8_hwc: np.ndarray, size: int = 224) -> np.ndarray:
@@ -127,8 +141,8 @@ def imagenet_normalize(rgb_uint8_hwc: np.ndarray, size: int = 224) -> np.ndarray
 
 def photo_crops(split: str, n: int) -> np.ndarray:
     """n fixed random crops of real photos, resized to 224x224 and ImageNet-normalised: float32 [n, 3, 224, 224].
-    split is 'calibration' or 'evaluation'; the two never share a crop (different seeds, and row parity)."""
-    imgs = photos()
+    split is 'calibration' or 'evaluation'; the two are cut from different photos (PHOTO_SPLITS)."""
+    imgs = photos(split)
     out = np.empty((n, 3, 224, 224), np.float32)
     for i, (k, top, left, side, flip) in enumerate(crop_boxes(split, n)):
         crop = imgs[k][1][top:top + side, left:left + side]

@@ -12,11 +12,32 @@ from graphopt.passes import Context, create
 from .contenders import Feed, Optimized, contender
 
 
+def split_feeds(feeds: list[Feed], searches: bool) -> InputSet:
+    """The contender's InputSet. A contender that searches among candidates (qdq's accuracy targets judge them on
+    `ctx.inputs.for_selection`) fits on the first 3/4 of the calibration feeds and selects on the last 1/4, never
+    both on the same feed; one that does not search fits on all of them. Verification is a few fit feeds: the
+    contenders call pass.run directly, the pipeline's verification never runs, and the harness scores every
+    contender on its own evaluation set."""
+    feeds = list(feeds)
+    if not searches:
+        return InputSet(fit=feeds, selection=[], verification=feeds[:2])
+    if len(feeds) < 2:
+        raise ValueError("a searching contender needs at least 2 calibration feeds (fit and selection)")
+    n_sel = max(1, len(feeds) // 4)
+    fit, selection = feeds[:-n_sel], feeds[-n_sel:]
+    return InputSet(fit=fit, selection=selection, verification=fit[:2])
+
+
+def _rows(feeds: list[Feed]) -> int:
+    return sum(len(next(iter(f.values()))) for f in feeds)
+
+
 def _qdq(params: dict) -> callable:
     def build(fp32_path: Path, feeds: list[Feed], workdir: Path) -> Optimized:
         t0 = time.perf_counter()
         model = graphopt.load(fp32_path)
-        ctx = Context(inputs=InputSet(fit=list(feeds), selection=[], verification=list(feeds[:8])))
+        inputs = split_feeds(feeds, "min_agreement" in params or "max_error" in params)
+        ctx = Context(inputs=inputs)
         for name in graphopt.DEFAULT_RECIPE:  # exact cleanup first (BatchNorm folding)
             model = create(name).run(model, ctx).model
         result = create("qdq", params).run(model, ctx)
@@ -26,6 +47,9 @@ def _qdq(params: dict) -> callable:
         int4 = f"{c['int4']} int4 ({c['int4_fused']} as MatMulNBits), " if "int4" in c else ""
         note = (f"{c['int8']}/{c['sites']} sites int8 ({c['fused']} fused), {int4}float kept: {c['fp32']}; "
                 f"predicted distortion {c['predicted_distortion']}, measured {c['measured_distortion']}")
+        if inputs.selection:
+            note += (f"; fit on {len(inputs.fit)} feeds ({_rows(inputs.fit)} rows), target judged on "
+                     f"{len(inputs.selection)} other feeds ({_rows(inputs.selection)} rows) of the calibration data")
         return Optimized(out, time.perf_counter() - t0, note)
     return build
 
@@ -34,6 +58,8 @@ contender("graphopt_qdq")(_qdq({}))
 contender("graphopt_qdq_slack25")(_qdq({"latency_slack": 0.25}))
 contender("graphopt_qdq_slack50")(_qdq({"latency_slack": 0.5}))
 contender("graphopt_qdq_all_int8")(_qdq({"latency_slack": 0.0}))
+contender("graphopt_qdq_all_int8_nobc")(_qdq({"latency_slack": 0.0, "bias_correction": False}))
+contender("graphopt_qdq_agree90")(_qdq({"min_agreement": 0.9}))
 contender("graphopt_qdq_dynamic")(_qdq({"activations": "dynamic", "latency_slack": 0.0}))
 contender("graphopt_qdq_int4_size5x")(_qdq({"activations": "dynamic", "int4": True, "max_size_mb": 18.0}))
 contender("graphopt_qdq_dynamic_slack10")(_qdq({"activations": "dynamic"}))
@@ -41,6 +67,11 @@ for _name, _doc in (("graphopt_qdq", "graphopt qdq at its defaults (at most 10 %
                     ("graphopt_qdq_slack25", "graphopt qdq, budget: at most 25 % slower than all-int8"),
                     ("graphopt_qdq_slack50", "graphopt qdq, budget: at most 50 % slower than all-int8"),
                     ("graphopt_qdq_all_int8", "graphopt qdq, every site int8 (latency_slack=0)"),
+                    ("graphopt_qdq_all_int8_nobc", "graphopt qdq, every site int8, bias correction off "
+                                                   "(latency_slack=0, bias_correction=false)"),
+                    ("graphopt_qdq_agree90", "graphopt qdq, accuracy target: the cheapest assignment whose top-1 "
+                                             "agreement with fp32 on the selection feeds is at least 90 % "
+                                             "(min_agreement=0.9)"),
                     ("graphopt_qdq_dynamic", "graphopt qdq, dynamic int8 MatMuls with smoothing, no float sites "
                                              "(latency_slack=0)"),
                     ("graphopt_qdq_int4_size5x", "graphopt qdq, dynamic int8 / int4 weight-only / float per site "

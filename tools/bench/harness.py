@@ -23,6 +23,37 @@ from . import contenders as C
 from .tasks import REPO, TASKS, Column, Evaluation, Task, _rel
 
 CACHE = REPO / "build" / "bench"
+TWIN = "fp32_twin"  # the fp32 file again in a second, separately built session: the timing noise floor
+TWIN_NOTE = ("the fp32 file again, in a second session built separately and timed in the same interleaved run: "
+             "its distance from 1.00× is the noise floor")
+
+
+def noise_floor(fp32: Latency | None, twin: Latency | None) -> float | None:
+    """|twin median / fp32 median - 1|: how far two sessions of the same model measured apart in one run."""
+    if fp32 is None or twin is None or fp32.median_ms <= 0:
+        return None
+    return abs(twin.median_ms / fp32.median_ms - 1.0)
+
+
+def is_tie(a_ms: float, b_ms: float, floor: float | None) -> bool:
+    """Two median latencies are a tie when they differ by no more than the measured noise floor."""
+    return floor is not None and b_ms > 0 and abs(a_ms / b_ms - 1.0) <= floor
+
+
+def speedup_cell(ref_ms: float | None, ms: float | None, floor: float | None, *, is_ref: bool = False) -> str:
+    """fp32 median / contender median, `(tie)` when the two are within the noise floor."""
+    if not ref_ms or not ms:
+        return "–"
+    text = f"{ref_ms / ms:.2f}×"
+    return text if is_ref or not is_tie(ms, ref_ms, floor) else text + " (tie)"
+
+
+def floor_header(floor: float | None, fp32_ms: float | None, twin_ms: float | None) -> str:
+    if floor is None:
+        return ""
+    return (f"`{TWIN}` (a second session of the unchanged fp32 model, in the same interleaved run) measured "
+            f"{twin_ms:.3f} ms against `fp32`'s {fp32_ms:.3f} ms, {floor:.1%} apart: a median-latency difference of "
+            f"at most {floor:.1%} is a tie (speed-up marked \"(tie)\"); one run's floor, itself noisy")
 
 
 @dataclass
@@ -102,6 +133,7 @@ class Result:
     fp32_provenance: str
     calibration: str
     evaluation: Evaluation
+    noise_floor: float | None = None
 
     def markdown(self, level: int = 2) -> str:
         return render(self, level)
@@ -170,9 +202,10 @@ def run_task(name: str, contender_names: list[str], *, threads: int = 2, limit: 
     task = TASKS[name]
     latency = latency or LatencyConfig()
     settings = RuntimeSettings(intra_op_threads=threads, inter_op_threads=1)
-    names = list(dict.fromkeys(["fp32", *contender_names]))  # fp32 is always there: the reference
+    names = list(dict.fromkeys(["fp32", TWIN, *contender_names]))  # fp32 is always there: the reference
     for n in names:
-        C.get(n)  # unknown names fail before any work
+        if n != TWIN:
+            C.get(n)  # unknown names fail before any work
 
     model_cache = cache / name
     fp32_path, provenance = task.fp32(model_cache, rebuild)
@@ -187,6 +220,11 @@ def run_task(name: str, contender_names: list[str], *, threads: int = 2, limit: 
     for cname in names:
         row = Row(cname)
         rows.append(row)
+        if cname == TWIN:  # same file as fp32, so the same outputs: timed, not scored again
+            row.path, row.seconds, row.note = rows[0].path, 0.0, TWIN_NOTE
+            row.size_bytes, row.parameters = rows[0].size_bytes, rows[0].parameters
+            sessions[cname] = _session(row.path, settings)
+            continue
         workdir = model_cache / "contenders" / cname
         shutil.rmtree(workdir, ignore_errors=True)
         workdir.mkdir(parents=True)
@@ -234,6 +272,11 @@ def run_task(name: str, contender_names: list[str], *, threads: int = 2, limit: 
         quiet += f"; other processes used {other.fraction:.0%} of the CPU while timing"
     for r, lat in zip(live, lats):
         r.latency = lat
+    by_name = {r.name: r for r in rows}
+    fp32_lat = by_name["fp32"].latency
+    twin_lat = by_name[TWIN].latency if TWIN in by_name else None
+    floor = noise_floor(fp32_lat, twin_lat)
+    batch = next(iter(ev.latency_feed.values())).shape[0] if ev.latency_feed else None
 
     m = machine()
     header = {
@@ -245,7 +288,10 @@ def run_task(name: str, contender_names: list[str], *, threads: int = 2, limit: 
                     f"optimization all; sessions measured interleaved in rounds of 5 (graphopt.core.runtime."
                     f"measure_latencies), {latency.warmup} warm-up runs each, "
                     f"{min(l.runs for l in lats) if lats else 0}+ timed runs each"),
-        "contenders": "; ".join(f"`{n}`: {C.describe(n)}" for n in names),
+        "batch / threads": f"batch {batch}; {threads} intra-op threads, 1 inter-op thread",
+        "noise floor": floor_header(floor, fp32_lat.median_ms if fp32_lat else None,
+                                    twin_lat.median_ms if twin_lat else None),
+        "contenders": "; ".join(f"`{n}`: {TWIN_NOTE if n == TWIN else C.describe(n)}" for n in names),
         "ORT settings": C.ORT_SETTINGS if any(n.startswith("ort_") for n in names) else "",
         "machine": f"{m['cpu']}, {m['cores']} cores; onnxruntime {m['onnxruntime']}; Python {m['python']}; "
                    f"graphopt {m['graphopt']}",
@@ -254,7 +300,7 @@ def run_task(name: str, contender_names: list[str], *, threads: int = 2, limit: 
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "command": f"`{command}`" if command else "",
     }
-    return Result(task, rows, header, provenance, calib_desc, ev)
+    return Result(task, rows, header, provenance, calib_desc, ev, floor)
 
 
 # ------------------------------------------------------------------------------------------------------ render
@@ -290,8 +336,9 @@ def render(result: Result, level: int = 2) -> str:
         cells = [f"`{r.name}`"]
         cells += [_fmt(r.scores.get(c.key), c.fmt) for c in result.task.columns]
         if r.latency:
-            speed = ref.latency.median_ms / r.latency.median_ms if ref and r.latency.median_ms > 0 else None
-            cells += [f"{r.latency.median_ms:.3f}", f"{r.latency.p90_ms:.3f}", _fmt(speed, ".2f") + "×"]
+            speed = speedup_cell(ref.latency.median_ms if ref else None, r.latency.median_ms, result.noise_floor,
+                                 is_ref=r is ref)
+            cells += [f"{r.latency.median_ms:.3f}", f"{r.latency.p90_ms:.3f}", speed]
         else:
             cells += ["–", "–", "–"]
         cells += [_fmt(r.size_bytes / 1e6 if r.size_bytes is not None else None, ".3f"),

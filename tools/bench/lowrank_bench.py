@@ -11,7 +11,10 @@ For each parameter ratio ρ (parameters of the factorizable layers after / befor
   whose parameter count fits ρ (layers where r does not pay stay as they are), reaching a ratio ρ' ≤ ρ;
 - `svd@ρ`, `whitened@ρ`: the pass with `param_ratio=ρ'` (the uniform baseline's own parameter count), ranks
   chosen per layer by the shared allocator;
-plus the fp32 model. Each is scored on the task's evaluation set (tools/bench/tasks.py; MNIST CNN: scikit-learn
+plus, with `--target-speedups X` (default 1.3 for fashion_resnet), `whitened@speedup=X`: the pass at its default
+method with `target_speedup=X` (whole-model latency measured by the pass); plus the fp32 model and `fp32_twin` (the
+same fp32 model in a second, separately built session, timed in the same interleaved run: its distance from 1.00×
+is the table's noise floor, and a speed-up within it is marked a tie). Each is scored on the task's evaluation set (tools/bench/tasks.py; MNIST CNN: scikit-learn
 digits, calibrated on the first 256 and scored on the other 1541) and timed interleaved with the others on the
 task's batch-1 latency input. Results go to tools/bench/results/lowrank_<model>.md.
 """
@@ -36,7 +39,8 @@ for _p in (str(_REPO), str(_REPO / "tools")):
 import numpy as np  # noqa: E402
 
 from bench import datasets, metrics, tasks  # noqa: E402
-from bench.harness import CACHE, OtherLoad, log, wait_for_quiet, write_atomic  # noqa: E402
+from bench.harness import (CACHE, TWIN, TWIN_NOTE, OtherLoad, floor_header, is_tie, log,  # noqa: E402
+                           wait_for_quiet, write_atomic)
 from graphopt.core.calibration import InputSet  # noqa: E402
 from graphopt.passes.lowrank.factorize import max_useful_rank  # noqa: E402
 from graphopt.passes.lowrank.rewrite import find_sites  # noqa: E402
@@ -151,6 +155,8 @@ def main(argv=None) -> int:
     ap.add_argument("--calibration-samples", type=int, default=16)
     ap.add_argument("--sensitivity-samples", type=int, default=4)
     ap.add_argument("--candidates", type=int, default=24, help="ranks offered per site to the allocator")
+    ap.add_argument("--target-speedups", default=None, help="comma-separated target_speedup runs of the pass "
+                                                            "(default: 1.3 for fashion_resnet, none otherwise)")
     ap.add_argument("--latency-seconds", type=float, default=2.0)
     ap.add_argument("--quiet-load", type=float, default=None)
     ap.add_argument("--quiet-timeout", type=float, default=300.0)
@@ -167,7 +173,7 @@ def main(argv=None) -> int:
     calib, calib_desc, ev = task_fn(args.limit)
     log(f"{args.model}: {len(calib)} calibration feeds; evaluation: {ev.description}")
 
-    rows = [Row("fp32", model)]
+    rows = [Row("fp32", model), Row(TWIN, model, note=TWIN_NOTE)]
     for ratio in ratios:
         r_uniform, reached = uniform_rank(model, ratio)
         log(f"{args.model}: ratio {ratio:g}: uniform rank {r_uniform} reaches {reached:.4f}")
@@ -186,15 +192,33 @@ def main(argv=None) -> int:
                     rows.append(Row(name, model, note=f"**failed**: {str(exc).splitlines()[0][:200]}"))
                     rows[-1].counters = {"failed": True}
 
+    speedups = args.target_speedups if args.target_speedups is not None else \
+        ("1.3" if args.model == "fashion_resnet" else "")
+    for target in [float(t) for t in speedups.split(",") if t.strip()]:
+        name = f"whitened@speedup={target:g}"
+        log(f"{args.model}: building {name}")
+        params = {"method": "whitened", "target_speedup": target, "calibration_samples": args.calibration_samples,
+                  "sensitivity_samples": args.sensitivity_samples, "candidates": args.candidates}
+        try:
+            m, counters, secs = build(model, params, calib, settings)
+            rows.append(Row(name, m, secs, counters, note=f"target_speedup={target:g} (the pass measured "
+                                                          f"{counters.get('measured_speedup', '?')}x on its own)"))
+        except Exception as exc:  # a failed contender is a result
+            log(f"{args.model}: {name} FAILED: {exc}")
+            rows.append(Row(name, model, note=f"**failed**: {str(exc).splitlines()[0][:200]}"))
+            rows[-1].counters = {"failed": True}
+
     outputs = {}
     for row in rows:
         if row.counters.get("failed"):
+            continue
+        if row.name == TWIN:
             continue
         log(f"{args.model}: evaluating {row.name}")
         outputs[row.name] = evaluate(row.model, ev, settings)
         row.scores = ev.score(outputs["fp32"], outputs[row.name])
 
-    live = [r for r in rows if r.name in outputs]
+    live = [r for r in rows if r.name in outputs or r.name == TWIN]
     quiet = ""
     if args.quiet_load is not None:
         waited, ok = wait_for_quiet(args.quiet_load, args.quiet_timeout)
@@ -211,6 +235,7 @@ def main(argv=None) -> int:
         quiet += f"; other processes used {other.fraction:.0%} of the CPU while timing"
     for r, lat in zip(live, lats):
         r.latency_ms = lat.median_ms
+    floor = abs(rows[1].latency_ms / rows[0].latency_ms - 1.0) if rows[1].latency_ms and rows[0].latency_ms else None
 
     m = machine()
     header = {
@@ -220,6 +245,9 @@ def main(argv=None) -> int:
                        f"{args.sensitivity_samples} for the per-site output distortion",
         "latency": f"{ev.latency_description}; ORT CPU EP, {args.threads} intra-op threads; all models interleaved "
                    f"(graphopt.core.runtime.measure_latencies), {min(l.runs for l in lats)}+ timed runs each, median",
+        "batch / threads": f"batch {next(iter(ev.latency_feed.values())).shape[0]}; {args.threads} intra-op threads, "
+                           "1 inter-op thread",
+        "noise floor": floor_header(floor, rows[0].latency_ms, rows[1].latency_ms),
         "machine": f"{m['cpu']}, {m['cores']} cores; onnxruntime {m['onnxruntime']}; Python {m['python']}; "
                    f"graphopt {m['graphopt']}",
         "load average": f"{load_before[0]:.2f} / {load_before[1]:.2f} / {load_before[2]:.2f} (1/5/15 min) before "
@@ -227,14 +255,14 @@ def main(argv=None) -> int:
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "command": f"`{command}`",
     }
-    text = render(args.model, header, rows, columns)
+    text = render(args.model, header, rows, columns, floor)
     out = Path(args.out) if args.out else RESULTS / f"lowrank_{args.model}.md"
     write_atomic(out, text)
     print(text)
     return 0
 
 
-def render(name: str, header: dict, rows: list[Row], columns) -> str:
+def render(name: str, header: dict, rows: list[Row], columns, floor: float | None = None) -> str:
     lines = [f"# lowrank: {name}", ""]
     lines += [f"- **{k}**: {v}" for k, v in header.items() if v]
     lines.append("- **params (layers)**: parameters of the factorizable layers after / before the pass; "
@@ -256,7 +284,8 @@ def render(name: str, header: dict, rows: list[Row], columns) -> str:
         cells.append(f"{r.model.parameter_count():,}")
         cells.append(f"{c['factorized']}/{c['candidates']}" if "factorized" in c else "–")
         cells.append(f"{r.latency_ms:.3f}" if r.latency_ms else "–")
-        cells.append(f"{ref / r.latency_ms:.2f}×" if r.latency_ms and ref else "–")
+        tie = r is not rows[0] and r.latency_ms and ref and is_tie(r.latency_ms, ref, floor)
+        cells.append((f"{ref / r.latency_ms:.2f}×" + (" (tie)" if tie else "")) if r.latency_ms and ref else "–")
         cells.append(f"{r.seconds:.1f}" if r.seconds else "–")
         cells.append(r.note)
         lines.append("| " + " | ".join(cells) + " |")

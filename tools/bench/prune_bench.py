@@ -5,12 +5,18 @@
     python tools/bench/prune_bench.py --model minilm
     python tools/bench/prune_bench.py --analysis                               # -> results/prune_analysis.md
 
-Reuses the harness (tasks, data sets, metrics, interleaved latency, load header) unchanged: the contenders below
-are registered in this process only. Torch-Pruning (PyPI `torch-pruning`, extra `bench`) prunes the torch model
-with group L2 magnitude importance (its MagnitudeImportance, per-layer uniform ratio, the classifier ignored),
-with the ratio bisected until its MACs (tp.utils.count_ops_and_params) match the same reduction; the result is
-exported with graphopt.export. graphopt's prune pass works on the fp32 ONNX export with the task's calibration
-feeds. Nobody fine-tunes.
+Reuses the harness (tasks, data sets, metrics, interleaved latency, noise floor, load header) unchanged: the
+contenders below are registered in this process only. Torch-Pruning (PyPI `torch-pruning`, extra `bench`) prunes
+the torch model (the classifier ignored) with
+- its MagnitudeImportance (group L2, data-free), a per-layer uniform ratio or global pruning (`global_pruning=True`:
+  one threshold over all groups), the like-for-like peer of graphopt's `importance=magnitude,refit=false`;
+- its TaylorImportance (|w · dL/dw|, first order), uniform or global, with the gradients of the cross-entropy
+  between the model and the fp32 model's own top-1 predictions on the same calibration feeds graphopt's pass gets
+  (no labels: neither side reads one);
+its channel ratio is bisected until the MAC reduction, counted by graphopt's counter on the exported ONNX graph
+(the same counter, on the same kind of graph, as graphopt's rows), matches the target; the result is exported
+with graphopt.export. graphopt's prune pass works on the fp32 ONNX export with the task's calibration feeds.
+Every row's notes give its MAC reduction from that one counter (`onnx_macs`). Nobody fine-tunes.
 """
 
 from __future__ import annotations
@@ -39,6 +45,35 @@ MAC_REDUCTION = {"fashion_resnet": 0.5, "mobilenet_v2": 0.3}
 CHANNEL_REDUCTION = {"minilm": 0.25}
 
 
+def onnx_macs(model, feed: dict) -> float:
+    """MACs of one run on `feed`, counted on the ONNX graph by the counter graphopt's prune pass uses
+    (`graphopt.passes.prune.prune._node_macs`: Conv, ConvTranspose, Gemm, MatMul), with the shapes of one real
+    run in onnxruntime. `model`: a path, an onnx ModelProto or a graphopt Model."""
+    import onnx
+
+    from graphopt.core.capture import stream_tensors
+    from graphopt.core.model import Model
+    from graphopt.passes.prune.prune import _node_macs
+
+    if isinstance(model, (str, Path)):
+        model = Model.load(model)
+    elif isinstance(model, onnx.ModelProto):
+        model = Model(model)
+    inits = {t.name: t for t in model.graph.initializer}
+    nodes = [n for n in model.graph.node if n.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul")]
+    wanted = list(dict.fromkeys(t for n in nodes for t in (n.input[0], n.input[1], n.output[0])
+                                if t not in inits and t not in feed))
+    shapes = {k: tuple(v.shape) for k, v in feed.items()}
+    shapes.update({k: tuple(t.dims) for k, t in inits.items()})
+    for _, values in stream_tensors(model, wanted, [feed]):
+        shapes.update({k: tuple(v.shape) for k, v in values.items()})
+    return sum(_node_macs(n, shapes, inits) for n in nodes)
+
+
+def _one_row(feeds) -> dict:
+    return {k: np.ascontiguousarray(v[:1]) for k, v in feeds[0].items()}
+
+
 def _ours(ratio: float, target: str, **params):
     def build(fp32_path, feeds, workdir):
         from graphopt.core.calibration import InputSet
@@ -55,17 +90,21 @@ def _ours(ratio: float, target: str, **params):
         out = workdir / "model.onnx"
         result.model.save(out, overwrite=True)
         c = result.counters
-        note = (f"MACs -{c['macs_reduction']:.1%}, {c['pruned_groups']}/{c['prunable']} prunable groups cut "
+        row = _one_row(feeds)
+        macs = 1 - onnx_macs(out, row) / onnx_macs(fp32_path, row)
+        note = (f"MACs -{macs:.1%} (onnx_macs), {c['pruned_groups']}/{c['prunable']} prunable groups cut "
                 f"({c['groups']} groups), analysis {c['analysis_seconds']:.2f} s; "
                 + ", ".join(f"{k}={v}" for k, v in spec.items()))
         return C.Optimized(out, time.perf_counter() - t0, note)
     return build
 
 
-def _torch_pruning(model_name: str, reduction: float):
+def _torch_pruning(model_name: str, reduction: float, importance: str = "magnitude", global_pruning: bool = False):
     def build(fp32_path, feeds, workdir):
         import importlib
+        import io
 
+        import onnx
         import torch
         import torch_pruning as tp
 
@@ -75,30 +114,51 @@ def _torch_pruning(model_name: str, reduction: float):
         module = importlib.import_module(f"models.{model_name}")
         base = module.build().eval()
         spec = module.EXPORT
-        shape = next(iter(spec["inputs"].values()))[0]
+        (input_name, (shape, _dtype)), = spec["inputs"].items()
         example = torch.randn(*shape)
-        macs0, _ = tp.utils.count_ops_and_params(base, example)
+        row = _one_row(feeds)
+        macs0 = onnx_macs(fp32_path, row)
+        if importance == "taylor":  # gradients on the calibration feeds, against the fp32 model's own top-1
+            base.zero_grad()
+            for feed in feeds:
+                x = torch.from_numpy(feed[input_name])
+                with torch.no_grad():
+                    target = base(x).argmax(1)
+                torch.nn.functional.cross_entropy(base(x), target).backward()
+            grads = {n: p.grad.detach().clone() for n, p in base.named_parameters() if p.grad is not None}
 
         def prune(ratio):
             net = copy.deepcopy(base)
+            if importance == "taylor":
+                for n, p in net.named_parameters():
+                    p.grad = grads[n].clone() if n in grads else None
+                imp = tp.importance.TaylorImportance()
+            else:
+                imp = tp.importance.MagnitudeImportance(p=2)
             last = [m for m in net.modules() if isinstance(m, torch.nn.Linear)][-1]  # the classifier stays
-            pruner = tp.pruner.MetaPruner(net, example, importance=tp.importance.MagnitudeImportance(p=2),
-                                          pruning_ratio=ratio, ignored_layers=[last])
+            pruner = tp.pruner.MetaPruner(net, example, importance=imp, pruning_ratio=ratio,
+                                          global_pruning=global_pruning, ignored_layers=[last])
             pruner.step()
-            macs, _ = tp.utils.count_ops_and_params(net, example)
-            return net, 1 - macs / macs0
+            net.zero_grad(set_to_none=True)
+            buf = io.BytesIO()  # a plain export, only to count MACs on the ONNX graph with graphopt's counter
+            with torch.no_grad():
+                torch.onnx.export(net.eval(), (example,), buf, input_names=[input_name], opset_version=17,
+                                  dynamo=False)
+            return net, 1 - onnx_macs(onnx.load_from_string(buf.getvalue()), row) / macs0
 
         lo, hi = 0.0, 0.95
-        for _ in range(14):  # bisect the channel ratio until the MAC reduction matches ours
+        for _ in range(11):  # bisect the channel ratio until the MAC reduction matches ours
             mid = (lo + hi) / 2
             _, got = prune(mid)
             lo, hi = (mid, hi) if got < reduction else (lo, mid)
-        net, got = prune(hi)
+        net, _ = prune(hi)
         out = workdir / "model.onnx"
         graphopt.export(net.eval(), spec["inputs"], out, dynamic=spec.get("dynamic"), opset=17,
                         output_names=spec.get("outputs"), overwrite=True)
+        got = 1 - onnx_macs(out, row) / macs0
+        how = "global threshold" if global_pruning else "per-layer uniform"
         return C.Optimized(out, time.perf_counter() - t0,
-                           f"MACs -{got:.1%} (tp.utils.count_ops_and_params), channel ratio {hi:.3f} per layer")
+                           f"MACs -{got:.1%} (onnx_macs), {importance} importance, {how}, channel ratio {hi:.3f}")
     return build
 
 
@@ -113,19 +173,26 @@ def register(model_name: str) -> list[str]:
             f"graphopt_prune{pct}": ("graphopt prune, measured-distortion allocation + ridge refit", dict(common)),
             f"graphopt_prune{pct}_noreft": ("graphopt prune, measured-distortion allocation, no refit",
                                             dict(common, refit=False)),
-            f"graphopt_prune{pct}_magnitude": ("graphopt prune, magnitude importance, no refit (like TP)",
+            f"graphopt_prune{pct}_magnitude": ("graphopt prune, magnitude importance, no refit (like for like with "
+                                               "TP's magnitude rows)",
                                                dict(common, importance="magnitude", refit=False)),
+            f"graphopt_prune{pct}_magnitude_refit": ("graphopt prune, magnitude importance + ridge refit",
+                                                     dict(common, importance="magnitude")),
         }
         for name, (doc, params) in variants.items():
             fn = _ours(r, "macs", **params)
             fn.__doc__ = f"{doc}, -{pct} % MACs"
             C.contender(name)(fn)
             names.append(name)
-        fn = _torch_pruning(model_name, r)
-        fn.__doc__ = (f"Torch-Pruning {_tp_version()} MagnitudeImportance (L2, per-layer uniform ratio bisected to "
-                      f"-{pct} % MACs), exported")
-        C.contender(f"torch_pruning{pct}")(fn)
-        names.append(f"torch_pruning{pct}")
+        for suffix, imp, glob, doc in (
+                ("", "magnitude", False, "MagnitudeImportance (L2, data-free), per-layer uniform ratio"),
+                ("_global", "magnitude", True, "MagnitudeImportance (L2, data-free), global pruning"),
+                ("_taylor", "taylor", False, "TaylorImportance on the calibration feeds, per-layer uniform ratio"),
+                ("_taylor_global", "taylor", True, "TaylorImportance on the calibration feeds, global pruning")):
+            fn = _torch_pruning(model_name, r, imp, glob)
+            fn.__doc__ = f"Torch-Pruning {_tp_version()} {doc}, ratio bisected to -{pct} % MACs (onnx_macs), exported"
+            C.contender(f"torch_pruning{pct}{suffix}")(fn)
+            names.append(f"torch_pruning{pct}{suffix}")
     if model_name in CHANNEL_REDUCTION:
         r = CHANNEL_REDUCTION[model_name]
         pct = int(round(r * 100))

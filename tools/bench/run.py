@@ -44,6 +44,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--model", choices=sorted(TASKS))
     what.add_argument("--all", action="store_true", help=f"run {', '.join(REQUIRED)} and write {COMBINED.name}")
+    what.add_argument("--combine", action="store_true",
+                      help=f"write {COMBINED.name} from the committed results/MODEL.md of {', '.join(REQUIRED)} "
+                           "(each run on its own with --model), without running anything")
     p.add_argument("--contenders", help=f"comma-separated (default: {','.join(C.DEFAULT_CONTENDERS)} plus each model's "
                                         f"own extras); known: {', '.join(sorted(C.CONTENDERS))} (fp32 is always "
                                         "included)")
@@ -80,6 +83,19 @@ def _contenders(args, model: str) -> list[str]:
     return list(C.DEFAULT_CONTENDERS) + [c for c in TASKS[model].extra_contenders if c not in C.DEFAULT_CONTENDERS]
 
 
+def _preamble(produced_by: str) -> str:
+    return "\n".join([
+        "# graphopt benchmark: reference models",
+        "",
+        f"Produced by {produced_by}; one section per model, each also in `tools/bench/results/MODEL.md`. Speed-up "
+        "is fp32 median latency / contender median latency, measured in the same process, interleaved. `fp32_twin` "
+        "is a second session of the unchanged fp32 model timed in the same run: how far it lands from 1.00× is "
+        "that table's noise floor, and a speed-up within it is marked \"(tie)\". Size is the ONNX file on disk; "
+        "params is the sum of initializer element counts; opt. time is what building the contender took (ORT: "
+        "quant_pre_process + calibration + quantization). MobileNetV2 is evaluated on photos calibration never "
+        "saw."])
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse(argv)
@@ -98,6 +114,18 @@ def main(argv: list[str] | None = None) -> int:
         log(f"wrote {out}")
         return 0
 
+    if args.combine:
+        sections = []
+        for name in REQUIRED:
+            path = RESULTS_DIR / f"{name}.md"
+            text = path.read_text() if path.is_file() else f"# {name}\n\n**Not benchmarked**: {path.name} is missing\n"
+            sections.append("\n".join("#" + line if line.startswith("# ") else line for line in text.splitlines()))
+        text = "\n".join([_preamble(f"`python tools/bench/run.py --model MODEL ...` (each section's own command)"),
+                          "", *sections, ""])
+        write_atomic(args.out or COMBINED, text)
+        log(f"wrote {args.out or COMBINED}")
+        return 0
+
     sections = []
     for name in REQUIRED:
         try:
@@ -108,16 +136,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         write_atomic(RESULTS_DIR / f"{name}.md", result.markdown(level=1))
         sections.append(result.markdown(level=2))
-    text = "\n".join([
-        "# graphopt benchmark: reference models",
-        "",
-        f"Produced by `{command}`; one section per model, each also in `tools/bench/results/MODEL.md`. Speed-up is "
-        "fp32 median latency / contender median latency, measured in the same process, interleaved. Size is the "
-        "ONNX file on disk; params is the sum of initializer element counts; opt. time is what building the "
-        "contender took (ORT: quant_pre_process + calibration + quantization).",
-        "",
-        *sections,
-    ])
+    text = "\n".join([_preamble(f"`{command}`"), "", *sections])
     out = args.out or COMBINED
     write_atomic(out, text)
     print(text)

