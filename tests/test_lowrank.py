@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 from builders import fvi, init, make, run_ort
 from onnx import helper
@@ -16,7 +17,8 @@ from onnx import helper
 import graphopt
 from graphopt.analysis.allocate import BudgetInfeasible
 from graphopt.core.calibration import InputSet
-from graphopt.passes.lowrank.factorize import breakeven_rank, conv_matrix, conv_pads, decompose, max_useful_rank, patches
+from graphopt.core.conv import conv_pads, patches
+from graphopt.passes.lowrank.factorize import breakeven_rank, conv_matrix, decompose, max_useful_rank
 from graphopt.passes.lowrank.rewrite import collect_grams, find_sites, rewrite, weight_matrix
 from graphopt.core.model import Model
 from graphopt.passes import Context, create
@@ -274,6 +276,14 @@ def test_gram_matrices_are_shared_and_streamed():
     key = next(s.gram_key() for s in sites if s.node == "fc1")
     np.testing.assert_allclose(grams[key].xtx, x.T @ x, rtol=1e-6)
     assert grams[key].rows == 35 and first["x"].shape == (7, 96)
+    # the timing feed's activations are captured (intermediate ones too) and not counted in the Gram matrices
+    timing = {"x": correlated(3, 96)}
+    grams, first = collect_grams(model, sites, samples, timing_feed=timing)
+    np.testing.assert_allclose(grams[key].xtx, x.T @ x, rtol=1e-6)
+    assert grams[key].rows == 35 and np.array_equal(first["x"], timing["x"])
+    w1 = onnx.numpy_helper.to_array(model.initializers()["w1"])
+    np.testing.assert_allclose(first["r"], np.maximum(timing["x"] @ w1, 0), rtol=1e-4, atol=1e-4)
+    assert grams[next(s.gram_key() for s in sites if s.node == "fc2")].rows == 35
 
 
 # ---------------------------------------------------------------------------------------- real model, CLI
@@ -323,3 +333,18 @@ def test_lowrank_then_qdq_on_the_bundled_model_is_verified(tmp_path):
     ref = make_session(model).run(None, {"image": images})[0].argmax(1)
     new = make_session(optimized).run(None, {"image": images})[0].argmax(1)
     assert (new == labels).mean() >= (ref == labels).mean() - 0.03
+
+
+def test_gemm_below_opset_11_rewrites_to_a_valid_model():
+    """C was a required Gemm input before opset 11: the C-less first half of the rewrite must not be a Gemm."""
+    rng = np.random.default_rng(31)
+    node = helper.make_node("Gemm", ["x", "w", "c"], ["y"], name="gemm", transB=1, alpha=0.5, beta=2.0)
+    inits = [init("w", rng.standard_normal((10, 12)).astype(np.float32)),
+             init("c", rng.standard_normal(10).astype(np.float32))]
+    model = Model(make([node], [fvi("x", [4, 12])], [fvi("y", [4, 10])], inits, opset=9, ir_version=4))
+    sites = find_sites(model)
+    new = rewrite(model, sites, full_rank_factors(model, sites))
+    onnx.checker.check_model(new.proto, full_check=True)
+    x = rng.standard_normal((4, 12)).astype(np.float32)
+    np.testing.assert_allclose(run_ort(new.proto, {"x": x})[0], run_ort(model.proto, {"x": x})[0],
+                               rtol=1e-4, atol=1e-4)

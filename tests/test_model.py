@@ -107,3 +107,14 @@ def test_graphsurgeon_view_edits_a_copy_and_keeps_model_fields():
     assert [n.op_type for n in edited.graph.node] == ["Relu", "Abs"]
     assert [n.op_type for n in model.graph.node] == ["Relu", "Neg"]
     assert edited.proto.metadata_props[0].value == "v" and edited.opset == 17
+
+
+def test_from_proto_names_nodes_and_turns_constants_into_initializers_like_load():
+    proto = _affine_model()
+    proto.graph.node[2].name = proto.graph.node[3].name = "same"
+    model = Model.from_proto(proto)
+    assert [n.op_type for n in model.graph.node] == ["Mul", "Add"]
+    assert {"k", "s", "w"} <= set(model.initializers())
+    names = [n.name for n in model.graph.node]
+    assert all(names) and len(set(names)) == len(names)
+    assert len(proto.graph.node) == 4, "the caller's proto is left as it was"

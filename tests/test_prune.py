@@ -274,3 +274,69 @@ def test_cli_exit_codes(tmp_path):
     ok = cli("--pass", "prune:ratio=0.3,importance=activation", "--max-error", "10", "-o", str(tmp_path / "o.onnx"))
     assert ok.returncode == 0, ok.stderr
     assert Model.load(tmp_path / "o.onnx").parameter_count() < Model.load(src).parameter_count()
+
+
+def _conv_chain_with_if(body_reads: str) -> Model:
+    """x -> conv1 -> relu (r) -> conv2 (w2) -> relu -> conv3 -> gap -> flatten -> fc -> y, plus an If whose
+    branches reduce `body_reads` (r, an activation, or w2, a weight) read from the outer scope."""
+    rng = np.random.default_rng(21)
+    w = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
+    then_g = helper.make_graph([helper.make_node("ReduceSum", [body_reads], ["t"], keepdims=0)], "then", [],
+                               [fvi("t", [])])
+    else_g = helper.make_graph([helper.make_node("ReduceMax", [body_reads], ["e"], keepdims=0)], "else", [],
+                               [fvi("e", [])])
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["a"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["a"], ["r"], name="relu1"),
+             helper.make_node("Conv", ["r", "w2"], ["b"], name="conv2", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["b"], ["s"], name="relu2"),
+             helper.make_node("Conv", ["s", "w3"], ["c"], name="conv3"),
+             helper.make_node("GlobalAveragePool", ["c"], ["p"], name="gap"),
+             helper.make_node("Flatten", ["p"], ["f"], name="flat"),
+             helper.make_node("Gemm", ["f", "w4"], ["y"], name="fc", transB=1),
+             helper.make_node("If", ["cond"], ["side"], name="branch", then_branch=then_g, else_branch=else_g)]
+    inits = [init("w1", w(8, 3, 3, 3)), init("w2", w(8, 8, 3, 3)), init("w3", w(8, 8, 1, 1)), init("w4", w(4, 8))]
+    return Model(make(nodes, [fvi("x", [1, 3, 5, 5]), fvi("cond", [], onnx.TensorProto.BOOL)],
+                      [fvi("y", [1, 4]), fvi("side", [])], inits))
+
+
+@pytest.mark.parametrize("body_reads", ["r", "w2"])
+def test_reads_inside_if_bodies_count_as_uses(body_reads):
+    model = _conv_chain_with_if(body_reads)
+    cg = analyse(model)
+    keep = random_keep(cg, np.random.default_rng(0))
+    assert keep, "conv3's group stays prunable"
+    pruned = build(model, cg, keep)
+    onnx.checker.check_model(pruned.proto)
+    x = np.random.default_rng(1).standard_normal((1, 3, 5, 5)).astype(np.float32)
+    for cond in (True, False):
+        feed = {"x": x, "cond": np.array(cond)}
+        before, after = make_session(model).run(["side"], feed)[0], make_session(pruned).run(["side"], feed)[0]
+        np.testing.assert_allclose(after, before, rtol=1e-6, err_msg="what the If body reads is left whole")
+
+
+def test_refit_keeps_the_intercept_of_a_matmul_without_a_bias_add():
+    """The removed channels carry a large mean (ReLU after a positive shift): the refit's intercept must land in
+    the model (a new Add) when the refit MatMul has no bias Add to take it."""
+    from graphopt.passes.prune.prune import refit
+
+    rng = np.random.default_rng(22)
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="mm1"),
+             helper.make_node("Add", ["h", "b1"], ["hb"], name="add1"),
+             helper.make_node("Relu", ["hb"], ["r"], name="relu"),
+             helper.make_node("MatMul", ["r", "w2"], ["y"], name="mm2")]
+    inits = [init("w1", rng.standard_normal((6, 16)).astype(np.float32)), init("b1", np.full(16, 4.0, np.float32)),
+             init("w2", rng.standard_normal((16, 5)).astype(np.float32))]
+    model = Model(make(nodes, [fvi("x", [32, 6])], [fvi("y", [32, 5])], inits))
+    cg = analyse(model)
+    (group,) = [g for g in cg.groups() if g.prunable]
+    keep = {group.id: np.arange(0, 16, 2)}
+    feeds = [{"x": rng.standard_normal((32, 6)).astype(np.float32)} for _ in range(4)]
+    pruned = build(model, cg, keep)  # no fill: the removed channels' mean is left for the refit
+    fitted = refit(model, pruned, cg, keep, feeds, Context(), 1e-6, 4096)
+    onnx.checker.check_model(fitted.proto)
+
+    def err(m):
+        s0, s1 = make_session(model), make_session(m)
+        return sum(float(np.sum((s0.run(None, f)[0] - s1.run(None, f)[0]) ** 2)) for f in feeds)
+
+    assert err(fitted) < 0.05 * err(pruned)

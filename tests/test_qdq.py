@@ -301,3 +301,74 @@ def test_latency_costs_are_measured_in_a_bounded_number_of_live_sessions(monkeyp
     result = create("qdq", {"sensitivity_samples": "4"}).run(model, ctx)
     assert result.counters["sites"] == n_sites
     assert peak[0] <= qdq_module.MAX_LIVE_SESSIONS + 2, peak[0]  # + the fp32 and all-int8 reference sessions
+
+
+@pytest.mark.parametrize("op,act", [("MatMul", "Relu"), ("Gemm", "Relu"), ("MatMul", "Clip"), ("Gemm", "Clip")])
+def test_a_relu_or_clip_that_ends_the_graph_after_a_matmul_or_gemm_still_clamps(op, act):
+    """The activation's output is a graph output (kept float): it cannot be absorbed into a quantized range."""
+    rng = np.random.default_rng(11)
+    nodes = [helper.make_node(op, ["x", "w"], ["m"], name="site"),
+             helper.make_node(act, ["m"] + (["lo", "hi"] if act == "Clip" else []), ["y"], name="act")]
+    inits = [init("w", rng.standard_normal((8, 6)).astype(np.float32)), init("lo", np.float32(0)),
+             init("hi", np.float32(1.5))]
+    model = Model(make(nodes, [fvi("x", [4, 8])], [fvi("y", [4, 6])], inits))
+    samples = [{"x": rng.standard_normal((4, 8)).astype(np.float32)} for _ in range(8)]
+    q, _ = quantize(model, {"site"}, samples)
+    onnx.checker.check_model(q.proto)
+    assert any(n.op_type == act for n in q.graph.node), "the activation stays, in float"
+    out = np.concatenate([o["y"] for o in run(make_session(q), samples)])
+    assert out.min() >= 0 and (act == "Relu" or out.max() <= 1.5)
+    assert cosine(run(make_session(model), samples), run(make_session(q), samples)) > 0.99
+
+
+def test_site_inputs_and_follower_sources_that_are_graph_outputs_are_quantized_for_their_readers():
+    """x -> Relu -> r (output) -> MatMul -> a (output) -> Transpose -> MatMul -> y: r is a site's input and a is
+    the source a Transpose copies its parameters from; as graph outputs both stay float tensors."""
+    rng = np.random.default_rng(12)
+    nodes = [helper.make_node("Relu", ["x"], ["r"], name="relu"),
+             helper.make_node("MatMul", ["r", "w1"], ["a"], name="mm1"),
+             helper.make_node("Transpose", ["a"], ["t"], name="tr", perm=[1, 0]),
+             helper.make_node("MatMul", ["t", "w2"], ["y"], name="mm2")]
+    inits = [init("w1", rng.standard_normal((8, 6)).astype(np.float32)),
+             init("w2", rng.standard_normal((4, 5)).astype(np.float32))]
+    model = Model(make(nodes, [fvi("x", [4, 8])], [fvi("r", [4, 8]), fvi("a", [4, 6]), fvi("y", [6, 5])], inits))
+    samples = [{"x": rng.standard_normal((4, 8)).astype(np.float32)} for _ in range(8)]
+    q, plan = quantize(model, {"mm1", "mm2"}, samples)
+    onnx.checker.check_model(q.proto)
+    assert {"r", "a", "t"} <= set(plan.tensors)
+    assert q.output_names() == ["r", "a", "y"]
+    ref, got = run(make_session(model), samples), run(make_session(q), samples)
+    for r, g in zip(ref, got):
+        np.testing.assert_array_equal(g["r"], r["r"])  # a graph output keeps its float value
+        assert np.linalg.norm(g["a"] - r["a"]) < 0.05 * np.linalg.norm(r["a"])  # an int8 site's float output
+    assert cosine(ref, got) > 0.99
+
+
+def test_initializers_read_only_inside_an_if_body_survive_the_rewrite():
+    rng = np.random.default_rng(13)
+    then_g = helper.make_graph([helper.make_node("Add", ["m", "k"], ["t"])], "then", [], [fvi("t", [4, 6])])
+    else_g = helper.make_graph([helper.make_node("Sub", ["m", "k"], ["e"])], "else", [], [fvi("e", [4, 6])])
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["m"], name="mm"),
+             helper.make_node("If", ["c"], ["y"], name="branch", then_branch=then_g, else_branch=else_g)]
+    inits = [init("w", rng.standard_normal((8, 6)).astype(np.float32)),
+             init("k", rng.standard_normal((4, 6)).astype(np.float32))]
+    model = Model(make(nodes, [fvi("x", [4, 8]), fvi("c", [], onnx.TensorProto.BOOL)], [fvi("y", [4, 6])], inits))
+    samples = [{"x": rng.standard_normal((4, 8)).astype(np.float32), "c": np.array(i % 2 == 0)} for i in range(8)]
+    q, _ = quantize(model, {"mm"}, samples)
+    assert "k" in q.initializers()
+    onnx.checker.check_model(q.proto)
+    assert cosine(run(make_session(model), samples), run(make_session(q), samples)) > 0.99
+
+
+def test_dynamic_gemm_without_c_keeps_alpha():
+    from graphopt.passes.qdq.dynamic import to_dynamic
+
+    rng = np.random.default_rng(14)
+    node = helper.make_node("Gemm", ["x", "w"], ["y"], name="gemm", transB=1, alpha=0.5)
+    model = Model(make([node], [fvi("x", [4, 16])], [fvi("y", [4, 8])],
+                       [init("w", rng.standard_normal((8, 16)).astype(np.float32))]))
+    (site,) = [s for s in find_sites(model) if not s.reason]
+    dyn = to_dynamic(model, [site])
+    x = {"x": rng.standard_normal((4, 16)).astype(np.float32)}
+    ref, got = run(make_session(model), [x])[0]["y"], run(make_session(dyn), [x])[0]["y"]
+    assert np.linalg.norm(got - ref) < 0.05 * np.linalg.norm(ref)

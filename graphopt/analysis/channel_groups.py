@@ -35,6 +35,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from ..core.editing import node_inputs
+
 ONE = Fraction(1)
 
 UNARY = {"Relu", "LeakyRelu", "Elu", "Selu", "Celu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Softplus",
@@ -119,7 +121,7 @@ class ChannelGroups:
         self.use_count: dict[str, int] = {}
         self.consumers: dict[str, list[onnx.NodeProto]] = {}
         for node in graph.node:
-            for name in node.input:
+            for name in node_inputs(node):  # reads inside If/Loop/Scan bodies are uses too
                 if name:
                     self.use_count[name] = self.use_count.get(name, 0) + 1
                     self.consumers.setdefault(name, []).append(node)
@@ -189,7 +191,7 @@ class ChannelGroups:
 
     def _freeze_inputs(self, node, reason: str | None = None) -> None:
         reason = reason or f"read by {node.op_type} node {node.name!r} (no channel rule for it)"
-        for name in node.input:
+        for name in node_inputs(node):
             if name in self.tracked:
                 self._freeze(self.tracked[name].layout, reason)
 

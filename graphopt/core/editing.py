@@ -80,6 +80,21 @@ def live_tensors(graph: onnx.GraphProto) -> tuple[set[str], list[bool]]:
     return live, keep
 
 
+def drop_unused_initializers(graph: onnx.GraphProto, candidates=None) -> int:
+    """Remove initializers nothing reads (no node, subgraph body or graph output); with `candidates`, only those
+    may go. Initializers listed as graph inputs stay: they are part of the model's interface. Returns how many
+    went."""
+    used = {name for node in graph.node for name in node_inputs(node)}
+    used |= {o.name for o in graph.output} | {i.name for i in graph.input}
+    allowed = None if candidates is None else set(candidates)
+    kept = [t for t in graph.initializer if t.name in used or (allowed is not None and t.name not in allowed)]
+    removed = len(graph.initializer) - len(kept)
+    if removed:
+        del graph.initializer[:]
+        graph.initializer.extend(kept)
+    return removed
+
+
 def drop_stale_value_info(graph: onnx.GraphProto) -> None:
     """Remove value_info entries for tensors no node produces any more."""
     produced = {o for n in graph.node for o in n.output}

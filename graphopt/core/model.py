@@ -61,7 +61,13 @@ class Model:
 
     @classmethod
     def from_proto(cls, proto: onnx.ModelProto) -> "Model":
-        return cls(proto)
+        """A Model of a copy of `proto`, normalised as `load` does (Constant nodes to initializers, unique node
+        names: passes rely on both); the caller's proto is left as it was."""
+        clone = onnx.ModelProto()
+        clone.CopyFrom(proto)
+        _constants_to_initializers(clone)
+        _name_unnamed_nodes(clone)
+        return cls(clone)
 
     def copy(self) -> "Model":
         clone = onnx.ModelProto()

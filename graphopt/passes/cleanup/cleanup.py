@@ -12,8 +12,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ...core.editing import (all_names, drop_stale_value_info, has_subgraph, live_tensors, node_inputs, rename_output,
-                       replace_input, unique_name)
+from ...core.editing import (all_names, drop_stale_value_info, drop_unused_initializers, has_subgraph, live_tensors,
+                             node_inputs, rename_output, replace_input, unique_name)
 from ...core.model import Model
 from ...core.shapes import tensor_infos
 from ..base import Context, Decision, Pass, PassResult, register
@@ -97,7 +97,7 @@ class FoldBatchNorm(Pass):
             return PassResult(model, False, {"folded": 0}, decisions)
         _drop_nodes(graph, removed)
         graph.initializer.extend(new_inits)
-        _remove_unused_initializers(graph)
+        drop_unused_initializers(graph)
         drop_stale_value_info(graph)
         return PassResult(out, True, {"folded": len(removed)}, decisions)
 
@@ -220,7 +220,7 @@ class RemoveIdentity(Pass):
             return PassResult(model, False, {"removed": 0}, decisions)
         _drop_nodes(graph, removed)
         drop_stale_value_info(graph)
-        _remove_unused_initializers(graph)
+        drop_unused_initializers(graph)
         return PassResult(out, True, {"removed": len(removed)}, decisions)
 
 
@@ -298,7 +298,7 @@ class FoldConstants(Pass):
                 if name:
                     graph.initializer.append(numpy_helper.from_array(values[name], name))
             decisions.append(Decision(node.name, "folded", node.op_type))
-        _remove_unused_initializers(graph)
+        drop_unused_initializers(graph)
         drop_stale_value_info(graph)
         return PassResult(out, True, {"folded": len(folded)}, decisions)
 
@@ -339,7 +339,7 @@ class RemoveDead(Pass):
         live_nodes = [n for n, k in zip(graph.node, keep) if k]
         del graph.node[:]
         graph.node.extend(live_nodes)
-        n_init = _remove_unused_initializers(graph)
+        n_init = drop_unused_initializers(graph)
         drop_stale_value_info(graph)
         decisions = [Decision(n.name, "removed", f"dead {n.op_type}") for n in dead]
         if n_init:
@@ -347,19 +347,6 @@ class RemoveDead(Pass):
         changed = bool(dead or n_init)
         return PassResult(out if changed else model, changed, {"nodes": len(dead), "initializers": n_init},
                           decisions)
-
-
-def _remove_unused_initializers(graph: onnx.GraphProto) -> int:
-    """Drop initializers no node, subgraph or graph output reads. Initializers that are graph inputs stay."""
-    used = {o.name for o in graph.output} | {i.name for i in graph.input}
-    for node in graph.node:
-        used.update(node_inputs(node))
-    kept = [t for t in graph.initializer if t.name in used]
-    removed = len(graph.initializer) - len(kept)
-    if removed:
-        del graph.initializer[:]
-        graph.initializer.extend(kept)
-    return removed
 
 
 DEFAULT_RECIPE = ("remove_identity", "fold_constants", "fold_batchnorm", "remove_dead")

@@ -242,36 +242,5 @@ def conv_factors(a: np.ndarray, b: np.ndarray, weight_shape) -> tuple[np.ndarray
     return first, second
 
 
-def conv_pads(in_hw, kernel, strides, dilations, pads=None, auto_pad: str = "NOTSET") -> list[int]:
-    """Explicit [top, left, bottom, right] pads for any auto_pad mode (SAME_UPPER puts the odd pixel at the end)."""
-    if auto_pad in ("NOTSET", "") and pads is not None:
-        return list(pads)
-    if auto_pad in ("NOTSET", "", "VALID"):
-        return [0] * 4
-    begin, end = [], []
-    for size, k, s, d in zip(in_hw, kernel, strides, dilations):
-        out = -(-size // s)
-        total = max((out - 1) * s + (k - 1) * d + 1 - size, 0)
-        small, big = total // 2, total - total // 2
-        begin.append(small if auto_pad == "SAME_UPPER" else big)
-        end.append(big if auto_pad == "SAME_UPPER" else small)
-    return begin + end
-
-
-def patches(x: np.ndarray, kernel, strides, pads, dilations) -> np.ndarray:
-    """im2col of x [N, C, H, W]: [N·H_out·W_out, C·kh·kw], the rows a k×k conv multiplies by conv_matrix(W)."""
-    n, c, h, w = x.shape
-    (kh, kw), (sh, sw), (dh, dw) = kernel, strides, dilations
-    top, left, bottom, right = pads
-    xp = np.pad(x, ((0, 0), (0, 0), (top, bottom), (left, right)))
-    ho = (h + top + bottom - (dh * (kh - 1) + 1)) // sh + 1
-    wo = (w + left + right - (dw * (kw - 1) + 1)) // sw + 1
-    cols = np.empty((n, c, kh, kw, ho, wo), x.dtype)
-    for i in range(kh):
-        for j in range(kw):
-            cols[:, :, i, j] = xp[:, :, i * dh:i * dh + sh * (ho - 1) + 1:sh, j * dw:j * dw + sw * (wo - 1) + 1:sw]
-    return cols.transpose(0, 4, 5, 1, 2, 3).reshape(n * ho * wo, c * kh * kw)
-
-
 __all__ = ["METHODS", "single_threaded_blas", "Gram", "Spectrum", "decompose", "breakeven_rank", "max_useful_rank", "factored_params",
-           "conv_matrix", "conv_factors", "conv_pads", "patches"]
+           "conv_matrix", "conv_factors"]

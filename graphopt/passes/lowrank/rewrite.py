@@ -5,23 +5,26 @@ A *site* is a MatMul (constant weight on either side), a Gemm (transB, alpha, be
 with W [n_in, n_out] (see graphopt/lowrank.py) and rewritten as two thinner ops:
 - MatMul(X, W)  -> MatMul(MatMul(X, A), B)
 - MatMul(W, X)  -> MatMul(Bᵀ, MatMul(Aᵀ, X))            (W [n_out, n_in] acts on X's columns)
-- Gemm(X, W, C) -> Gemm(Gemm(X, A), B, C; alpha, beta)
+- Gemm(X, W, C) -> Gemm(Gemm(X, A), B, C; alpha, beta)   (the inner one a MatMul below opset 11)
 - Conv k×k      -> Conv k×k with r filters (same strides, pads, dilations, auto_pad; no bias) -> Conv 1×1 (bias)
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from ...core.editing import all_names, node_inputs, unique_name
+from ...core.capture import stream_tensors
+from ...core.conv import conv_patches
+from ...core.editing import all_names, drop_unused_initializers, node_inputs, unique_name
 from ...core.errors import InputError
-from .factorize import Gram, conv_factors, conv_matrix, conv_pads, patches
+from .factorize import Gram, conv_factors, conv_matrix
 from ...core.model import Model, make_model_like
-from ...core.runtime import RuntimeSettings, make_session
+from ...core.runtime import RuntimeSettings
 
 
 @dataclass
@@ -139,19 +142,17 @@ def rewrite(model: Model, sites: list[Site], factors: dict[str, tuple[np.ndarray
             continue
         site = by_name[node.name]
         a, b = factors[node.name]
-        first, second, inits = _factorized(site, node, a, b, taken)
+        first, second, inits = _factorized(site, node, a, b, taken, model.opset)
         new_nodes.extend([first, second])
         g.initializer.extend(inits)
         dropped.add(site.weight)
     del g.node[:]
     g.node.extend(new_nodes)
-    keep = [t for t in g.initializer if t.name not in dropped]
-    del g.initializer[:]
-    g.initializer.extend(keep)
+    drop_unused_initializers(g, dropped)
     return make_model_like(model, g)
 
 
-def _factorized(site: Site, node: onnx.NodeProto, a: np.ndarray, b: np.ndarray, taken: set[str]):
+def _factorized(site: Site, node: onnx.NodeProto, a: np.ndarray, b: np.ndarray, taken: set[str], opset: int):
     base = node.name or site.weight
     wa, wb = unique_name(f"{site.weight}_lowrank_a", taken), unique_name(f"{site.weight}_lowrank_b", taken)
     mid = unique_name(f"{node.output[0]}_lowrank", taken)
@@ -167,7 +168,9 @@ def _factorized(site: Site, node: onnx.NodeProto, a: np.ndarray, b: np.ndarray, 
         second = helper.make_node("MatMul", [mid, wb], list(node.output), name=name_b)
     elif site.op_type == "Gemm":
         ta, tb = numpy_helper.from_array(a, wa), numpy_helper.from_array(b, wb)
-        first = helper.make_node("Gemm", [site.activation, wa], [mid], name=name_a)
+        # C is a required Gemm input before opset 11 (the original has one then): the C-less first half is a
+        # MatMul there, the same product for Gemm's 2-D input
+        first = helper.make_node("Gemm" if opset >= 11 else "MatMul", [site.activation, wa], [mid], name=name_a)
         extra = {k: site.attrs[k] for k in ("alpha", "beta") if k in site.attrs}
         second = helper.make_node("Gemm", [mid, wb] + ([site.bias] if site.bias else []), list(node.output),
                                   name=name_b, **extra)
@@ -223,29 +226,19 @@ def collect_grams(model: Model, sites: list[Site], samples, settings: RuntimeSet
     tensors = list(dict.fromkeys(s.activation for s in keys.values()))
     inputs = {i.name for i in model.graph.input}
     fetch = [t for t in tensors if t not in inputs]
-    augmented = model.copy()
-    outputs = {o.name for o in augmented.graph.output}
-    for name in fetch:
-        if name not in outputs:
-            augmented.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
-    session = make_session(augmented, settings) if fetch else None
-    del augmented
-    def activations(feed):
-        values = dict(zip(fetch, session.run(fetch, feed))) if session is not None else {}
-        values.update({t: feed[t] for t in tensors if t in inputs})
-        return values
-
+    # the timing feed runs first through the same session, and is kept apart from the Gram matrices
+    feeds = itertools.chain([timing_feed], samples) if timing_feed is not None else samples
     first: dict[str, np.ndarray] = {}
-    if timing_feed is not None:
-        first = {t: np.array(v) for t, v in activations(timing_feed).items()}
     n = 0
-    for feed in samples:
-        n += 1
-        values = activations(feed)
-        for key, s in keys.items():
-            grams[key].update(_rows(s, values[s.activation]))
+    for i, (feed, values) in enumerate(stream_tensors(model, fetch, feeds, settings=settings)):
+        values.update({t: feed[t] for t in tensors if t in inputs})
         if not first:
             first = {t: np.array(values[t]) for t in tensors}
+        if i == 0 and timing_feed is not None:
+            continue
+        n += 1
+        for key, s in keys.items():
+            grams[key].update(_rows(s, values[s.activation]))
         del values
         if progress is not None and n % 8 == 0:
             progress(f"lowrank: input covariance, {n} samples")
@@ -257,12 +250,7 @@ def collect_grams(model: Model, sites: list[Site], samples, settings: RuntimeSet
 def _rows(site: Site, x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, np.float32)
     if site.op_type == "Conv":
-        a = site.attrs
-        kernel = site.weight_shape[2:]
-        strides = a.get("strides", [1, 1])
-        dilations = a.get("dilations", [1, 1])
-        pads = conv_pads(x.shape[2:], kernel, strides, dilations, a.get("pads"), a.get("auto_pad", "NOTSET"))
-        return patches(x, kernel, strides, pads, dilations)
+        return conv_patches(x, site.attrs, site.weight_shape[2:])
     if site.weight_first:
         return np.swapaxes(x, -1, -2).reshape(-1, site.n_in)
     return x.reshape(-1, site.n_in)

@@ -23,7 +23,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ...analysis.channel_groups import ChannelGroups
-from ...core.editing import all_names, unique_name
+from ...core.editing import all_names, drop_unused_initializers, node_inputs, unique_name
 from ...core.model import Model, make_model_like
 
 
@@ -86,7 +86,7 @@ class _Editor:
         self.inits = {t.name: t for t in self.graph.initializer}
         self.uses: dict[str, int] = {}
         for node in self.graph.node:
-            for name in node.input:
+            for name in node_inputs(node):  # a read inside a subgraph body is a use: it must see the original
                 self.uses[name] = self.uses.get(name, 0) + 1
         self.names = all_names(self.graph)
         self.values: dict[str, np.ndarray] = {}
@@ -119,11 +119,11 @@ class _Editor:
         return name
 
     def finish(self) -> None:
-        used = {i for n in self.graph.node for i in n.input} | {o.name for o in self.graph.output}
-        keep = [t for t in self.graph.initializer if t.name in used and t.name not in self.values]
-        fresh = [numpy_helper.from_array(v, name) for name, v in self.values.items() if name in used]
-        del self.graph.initializer[:]
-        self.graph.initializer.extend(keep + fresh)
+        for t in self.graph.initializer:
+            if t.name in self.values:
+                t.CopyFrom(numpy_helper.from_array(self.values.pop(t.name), t.name))
+        self.graph.initializer.extend(numpy_helper.from_array(v, name) for name, v in self.values.items())
+        drop_unused_initializers(self.graph)
 
 
 def build(model: Model, cg: ChannelGroups, keep: dict[int, np.ndarray],

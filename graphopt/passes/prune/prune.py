@@ -20,6 +20,8 @@ from onnx import helper, numpy_helper
 
 from ...analysis.allocate import BudgetInfeasible, Option, Site, allocate
 from ...core.capture import stream_tensors
+from ...core.conv import conv_patches
+from ...core.editing import all_names, node_inputs, unique_name
 from ...analysis.channel_groups import ChannelGroups, analyse
 from ...core.errors import UsageError
 from ...core.model import Model
@@ -362,15 +364,9 @@ def _activation_stats(model: Model, cg: ChannelGroups, prunable, feeds, ctx) -> 
             s[2] += moved.shape[0]
 
     ctx.progress(f"prune: activation statistics of {len(wanted)} tensors on {len(feeds)} samples")
-    stream(model, list(wanted), feeds, fold, ctx)
+    for _, values in stream_tensors(model, list(wanted), feeds, settings=ctx.runtime):
+        fold(values)
     return {t: {"mean": s[0] / s[2], "abs": s[1] / s[2], "consumers": wanted[t]} for t, s in sums.items()}
-
-
-def stream(model: Model, tensors: list[str], feeds, fn, ctx) -> None:
-    """Run `model` on each feed with `tensors` as extra outputs and hand them to fn, one feed at a time."""
-    if tensors:
-        for _, values in stream_tensors(model, tensors, feeds, settings=ctx.runtime):
-            fn(values)
 
 
 # ------------------------------------------------------------------------------------------------------ costs
@@ -442,7 +438,8 @@ def _shapes(model: Model, cg: ChannelGroups, feed, ctx) -> dict[str, tuple]:
             wanted.extend(n for n in (node.input[0], node.input[1], node.output[0]) if n not in cg.constants)
     wanted = list(dict.fromkeys(w for w in wanted if w not in feed))
     shapes = {k: tuple(v.shape) for k, v in feed.items()}
-    stream(model, wanted, [feed], lambda vals: shapes.update({k: tuple(v.shape) for k, v in vals.items()}), ctx)
+    for _, values in stream_tensors(model, wanted, [feed], settings=ctx.runtime):
+        shapes.update({k: tuple(v.shape) for k, v in values.items()})
     for name in cg.constants:
         shapes[name] = tuple(cg.inits[name].dims)
     return shapes
@@ -487,10 +484,8 @@ def refit(original: Model, pruned: Model, cg: ChannelGroups, keep, feeds, ctx, r
         ata = aty = None
         count = 0
         per_sample = max(16, rows // max(len(feeds), 1))
-        targets: list[np.ndarray] = []
-        stream(original, [y_orig], feeds, lambda v: targets.append(v[y_orig]), ctx)
-        inputs: list[np.ndarray] = []
-        stream(current, [x_new], feeds, lambda v: inputs.append(v[x_new]), ctx)
+        targets = [v[y_orig] for _, v in stream_tensors(original, [y_orig], feeds, settings=ctx.runtime)]
+        inputs = [v[x_new] for _, v in stream_tensors(current, [x_new], feeds, settings=ctx.runtime)]
         for x, y in zip(inputs, targets):
             a, t = _design(node, new_node, current, x, y, out_pos, rng, per_sample)
             a = np.hstack([a, np.ones((a.shape[0], 1))])
@@ -513,9 +508,9 @@ def _design(node, new_node, current, x, y, out_pos, rng, per_sample):
     """Rows of (input patch, original output) at a random subset of output positions."""
     if node.op_type == "Conv":
         w, _ = _weights(current, new_node)
-        patches = _im2col(x, new_node, w.shape[2:])  # [N, P, C*k*k]
+        attrs = {a.name: helper.get_attribute_value(a) for a in new_node.attribute}
+        patches = conv_patches(x, attrs, w.shape[2:])  # [N*P, C*k*k]
         target = y.reshape(y.shape[0], y.shape[1], -1).transpose(0, 2, 1)  # [N, P, M]
-        patches = patches.reshape(-1, patches.shape[-1])
         target = target.reshape(-1, target.shape[-1])
     else:
         patches = x.reshape(-1, x.shape[-1])
@@ -526,27 +521,6 @@ def _design(node, new_node, current, x, y, out_pos, rng, per_sample):
         idx = rng.choice(patches.shape[0], per_sample, replace=False)
         patches, target = patches[idx], target[idx]
     return patches.astype(np.float64), target.astype(np.float64)
-
-
-def _im2col(x: np.ndarray, node, kernel) -> np.ndarray:
-    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-    if attrs.get("group", 1) != 1 or len(kernel) != 2:
-        raise ValueError("refit handles 2-D convs with group=1 only")
-    kh, kw = kernel
-    sh, sw = attrs.get("strides", [1, 1])
-    dh, dw = attrs.get("dilations", [1, 1])
-    pads = attrs.get("pads", [0, 0, 0, 0])
-    if attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
-        raise ValueError("refit does not handle auto_pad")
-    xp = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
-    n, c, hp, wp = xp.shape
-    oh = (hp - (kh - 1) * dh - 1) // sh + 1
-    ow = (wp - (kw - 1) * dw - 1) // sw + 1
-    cols = np.empty((n, c, kh, kw, oh, ow), x.dtype)
-    for i in range(kh):
-        for j in range(kw):
-            cols[:, :, i, j] = xp[:, :, i * dh: i * dh + sh * oh: sh, j * dw: j * dw + sw * ow: sw]
-    return cols.reshape(n, c * kh * kw, oh * ow).transpose(0, 2, 1)
 
 
 def _apply_fit(model: Model, name: str, ata, aty, ridge: float) -> Model:
@@ -589,7 +563,24 @@ def _apply_fit(model: Model, name: str, ata, aty, ridge: float) -> Model:
         if add is not None:  # the intercept replaces the bias (the target included the original bias)
             i = next(i for i, n in enumerate(add.input) if n != node.output[0])
             _set_init(out, add, i, b_fit.astype(dtype))
+        else:  # no bias Add to take the intercept: put one after the MatMul
+            _add_bias_after(out, node, b_fit.astype(dtype))
     return out
+
+
+def _add_bias_after(model: Model, node, bias: np.ndarray) -> None:
+    """MatMul -> y becomes MatMul -> y_refit -> Add(bias) -> y, the Add right after the MatMul (order stays
+    topological)."""
+    taken = all_names(model.graph)
+    y = node.output[0]
+    node.output[0] = unique_name(f"{y}_refit", taken)
+    name = unique_name(f"{node.name}_refit_bias", taken)
+    model.graph.initializer.append(numpy_helper.from_array(bias, name))
+    add = helper.make_node("Add", [node.output[0], name], [y], name=unique_name(f"{node.name}_refit_add", taken))
+    nodes = list(model.graph.node)
+    nodes.insert(next(i for i, n in enumerate(nodes) if n.name == node.name) + 1, add)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
 
 
 def _bias_add(model: Model, node):
@@ -606,7 +597,7 @@ def _bias_add(model: Model, node):
 
 def _set_init(model: Model, node, index: int, value: np.ndarray) -> None:
     name = node.input[index]
-    uses = sum(1 for n in model.graph.node for i in n.input if i == name)
+    uses = sum(1 for n in model.graph.node for i in node_inputs(n) if i == name)
     if uses > 1:
         name = f"{name}_refit_{node.name}"
         node.input[index] = name

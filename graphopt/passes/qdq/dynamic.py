@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ...core.editing import all_names, node_inputs, unique_name
+from ...core.editing import all_names, drop_unused_initializers, unique_name
 from ...core.model import Model
 from .sites import Site
 from .quant import quantize_weight, weight_qparams
@@ -67,6 +67,8 @@ def to_dynamic(model: Model, sites: list[Site]) -> Model:
         w = numpy_helper.to_array(consts[s.weight]).astype(np.float32)
         if s.op_type == "Gemm" and s.weight_axis == 0:  # transB: MatMulInteger wants [K, N]
             w = w.T
+        if s.op_type == "Gemm":  # MatMulInteger has no alpha: fold it into the weight (a site's C needs alpha 1)
+            w = w * np.float32(next((a.f for a in node.attribute if a.name == "alpha"), 1.0))
         wq = weight_qparams(w, axis=1)
         scale = unique_name(f"{node.name}_scale", taken)
         nodes.append(make("Mul", [x_scale, const(f"{s.weight}_scale", wq.scale)], [scale]))
@@ -87,10 +89,5 @@ def to_dynamic(model: Model, sites: list[Site]) -> Model:
     del g.node[:]
     g.node.extend(nodes)
     g.initializer.extend(new_inits)
-    # the float weights the int8 copies replaced, where nothing else reads them
-    used = {i for n in g.node for i in node_inputs(n)} | {o.name for o in g.output}
-    replaced = {s.weight for s in sites} - used
-    keep = [t for t in g.initializer if t.name not in replaced]
-    del g.initializer[:]
-    g.initializer.extend(keep)
+    drop_unused_initializers(g, {s.weight for s in sites})  # the float weights the int8 copies replaced
     return out

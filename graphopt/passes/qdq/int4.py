@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ...core.editing import all_names, node_inputs, unique_name
+from ...core.editing import all_names, drop_unused_initializers, unique_name
 from ...core.model import Model
 
 MIN_OPSET = 21  # int4 types and block_size in DequantizeLinear
@@ -85,10 +85,7 @@ def to_int4(model: Model, weights: dict[str, int], block_size: int = BLOCK_SIZE)
         for i, x in enumerate(node.input):
             if x in renamed:
                 node.input[i] = renamed[x]
-    used = {i for n in g.node for i in node_inputs(n)} | {o.name for o in g.output}
-    keep = [t for t in g.initializer if t.name not in renamed or t.name in used]
-    del g.initializer[:]
-    g.initializer.extend(keep)
+    drop_unused_initializers(g, renamed)  # a float weight stays where a subgraph body still reads it
     nodes = dq_nodes + list(g.node)  # DQ of constants first: topological order holds
     del g.node[:]
     g.node.extend(nodes)

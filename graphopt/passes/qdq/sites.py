@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ...core.editing import all_names, unique_name
+from ...core.editing import all_names, drop_stale_value_info, drop_unused_initializers, unique_name
 from ...core.model import Model
 from .quant import QParams, activation_qparams, guard_bias_overflow, quantize_bias, quantize_weight, weight_qparams
 
@@ -105,7 +105,9 @@ def find_sites(model: Model) -> list[Site]:
         if len(follow) == 1 and node.output[0] not in outputs:
             act = follow[0]
             clip_max = _clip_max(act, consts) if act.op_type == "Clip" else None
-            if act.op_type == "Relu" or (act.op_type == "Clip" and clip_max is not None):
+            # a graph output stays float, so a Relu/Clip writing one is not absorbed: it must still clamp
+            if (act.op_type == "Relu" or (act.op_type == "Clip" and clip_max is not None)) \
+                    and act.output[0] not in outputs:
                 site.absorbed, site.absorbed_max = act.name, clip_max
                 site.effective_output = act.output[0]
         site.effective_output = site.effective_output or site.output
@@ -131,9 +133,11 @@ def _clip_max(node: onnx.NodeProto, consts) -> float | None:
 def tensors_to_quantize(model: Model, sites: list[Site], int8: set[str]) -> dict[str, str]:
     """Tensor -> how its parameters are found: 'own' (its calibrated range) or 'same:<tensor>' (copy).
 
-    Int8 sites quantize their input and effective output; follower ops extend the integer region.
+    Int8 sites quantize their input and effective output; follower ops extend the integer region. A graph output
+    keeps its float value: it carries Q/DQ only for the nodes that read it, and none when nothing does.
     """
     outputs = {o.name for o in model.graph.output}
+    read = {i for n in model.graph.node for i in n.input}
     by_name = {s.node: s for s in sites}
     absorbed = {by_name[s].absorbed for s in int8 if by_name[s].absorbed}
     plan: dict[str, str] = {}
@@ -153,7 +157,7 @@ def tensors_to_quantize(model: Model, sites: list[Site], int8: set[str]) -> dict
             plan.setdefault(out, f"same:{acts[0]}")
         elif node.op_type in OWN_SCALE_OPS:
             plan.setdefault(out, "own")
-    return {t: how for t, how in plan.items() if t not in outputs}
+    return {t: how for t, how in plan.items() if t not in outputs or t in read}
 
 
 def needed_statistics(model: Model, sites: list[Site]) -> list[str]:
@@ -281,16 +285,7 @@ def rewrite(model: Model, sites: list[Site], plan: Plan) -> Model:
     del g.node[:]
     g.node.extend(ordered)
     g.initializer.extend(new_inits)
-    _drop_unused(g)
+    drop_unused_initializers(g)
+    drop_stale_value_info(g)
     return Model(out.proto, model.source)
 
-
-def _drop_unused(g: onnx.GraphProto) -> None:
-    used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
-    kept = [t for t in g.initializer if t.name in used]
-    del g.initializer[:]
-    g.initializer.extend(kept)
-    produced = {o for n in g.node for o in n.output}
-    stale = [vi for vi in g.value_info if vi.name not in produced]
-    for vi in stale:
-        g.value_info.remove(vi)
