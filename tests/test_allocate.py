@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from graphopt.analysis.allocate import BudgetInfeasible, Option, Site, allocate, allocate_dp, tie
+from graphopt.analysis.allocate import BudgetInfeasible, Option, SiteOptions, allocate, allocate_dp, tie
 from graphopt.core.errors import UsageError
 
 
@@ -26,8 +26,8 @@ def brute_force(sites, budget):
 def test_hand_checked_case():
     # Two layers, each fp32 (slow, exact) or int8 (fast, some error). A budget of 14 allows one int8 layer:
     # it must go where it hurts least.
-    sites = [Site("conv1", (Option("fp32", 10, 0.0), Option("int8", 4, 0.30))),
-             Site("conv2", (Option("fp32", 10, 0.0), Option("int8", 4, 0.05)))]
+    sites = [SiteOptions("conv1", (Option("fp32", 10, 0.0), Option("int8", 4, 0.30))),
+             SiteOptions("conv2", (Option("fp32", 10, 0.0), Option("int8", 4, 0.05)))]
     for solve in (allocate, allocate_dp):
         result = solve(sites, budget=14)
         assert {k: o.label for k, o in result.choice.items()} == {"conv1": "fp32", "conv2": "int8"}
@@ -42,7 +42,7 @@ OPTION = st.tuples(st.integers(0, 20), st.floats(0, 5, allow_nan=False))
 @given(raw=st.lists(st.lists(OPTION, min_size=1, max_size=4), min_size=1, max_size=5),
        slack=st.integers(0, 40))
 def test_milp_and_dp_match_brute_force(raw, slack):
-    sites = [Site(f"s{i}", tuple(Option(f"o{j}", float(c), d) for j, (c, d) in enumerate(opts)))
+    sites = [SiteOptions(f"s{i}", tuple(Option(f"o{j}", float(c), d) for j, (c, d) in enumerate(opts)))
              for i, opts in enumerate(raw)]
     budget = float(sum(min(c for c, _ in opts) for opts in raw) + slack)
     expected = brute_force(sites, budget)
@@ -53,7 +53,7 @@ def test_milp_and_dp_match_brute_force(raw, slack):
 
 
 def test_infeasible_budget_reports_the_cheapest_reachable():
-    sites = [Site("a", (Option("x", 5, 0), Option("y", 3, 1))), Site("b", (Option("x", 4, 0),))]
+    sites = [SiteOptions("a", (Option("x", 5, 0), Option("y", 3, 1))), SiteOptions("b", (Option("x", 4, 0),))]
     with pytest.raises(BudgetInfeasible) as info:
         allocate(sites, 6)
     assert info.value.best_cost == 7
@@ -62,9 +62,9 @@ def test_infeasible_budget_reports_the_cheapest_reachable():
 
 
 def test_tied_sites_take_the_same_option():
-    sites = [Site("add_in1", (Option("fp32", 5, 0), Option("int8", 2, 0.1))),
-             Site("add_in2", (Option("fp32", 5, 0), Option("int8", 2, 0.4), Option("int4", 1, 0.9))),
-             Site("other", (Option("fp32", 5, 0), Option("int8", 2, 0.2)))]
+    sites = [SiteOptions("add_in1", (Option("fp32", 5, 0), Option("int8", 2, 0.1))),
+             SiteOptions("add_in2", (Option("fp32", 5, 0), Option("int8", 2, 0.4), Option("int4", 1, 0.9))),
+             SiteOptions("other", (Option("fp32", 5, 0), Option("int8", 2, 0.2)))]
     merged, members = tie(sites, [["add_in1", "add_in2"]])
     assert [s.name for s in merged] == ["other", "add_in1+add_in2"]
     result = allocate(merged, budget=9, members=members)
@@ -81,7 +81,7 @@ def test_boundary_costs_make_float_runs_contiguous():
     # a, b, c in a chain: each float site costs 1 and removes 1 distortion; a border between a float and an int8
     # neighbour costs 0.6. Budget 2: two float sites cost at least 2 + 0.6, so one fits, at an end of the chain
     # (1 + 0.6; in the middle it would pay two borders, 2.2).
-    chain = [Site(n, (Option("int8", 0.0, 1.0), Option("fp32", 1.0, 0.0))) for n in "abc"]
+    chain = [SiteOptions(n, (Option("int8", 0.0, 1.0), Option("fp32", 1.0, 0.0))) for n in "abc"]
     borders = [Boundary("a", "b", "fp32", 0.6), Boundary("b", "c", "fp32", 0.6)]
     without = allocate(chain, 2.0)
     assert sum(o.label == "fp32" for o in without.choice.values()) == 2

@@ -25,7 +25,9 @@ class Option:
 
 
 @dataclass(frozen=True)
-class Site:
+class SiteOptions:
+    """The options one site offers the allocator (it takes exactly one of them)."""
+
     name: str
     options: tuple[Option, ...]
 
@@ -62,7 +64,8 @@ class BudgetInfeasible(GraphoptError):
         self.best_cost = best_cost
 
 
-def tie(sites: Sequence[Site], groups: Sequence[Sequence[str]]) -> tuple[list[Site], dict[str, tuple[str, ...]]]:
+def tie(sites: Sequence[SiteOptions],
+        groups: Sequence[Sequence[str]]) -> tuple[list[SiteOptions], dict[str, tuple[str, ...]]]:
     """Merge sites that must take the same option label into one site.
 
     A merged site offers only the labels every member offers; its cost and distortion are the members' sums.
@@ -92,13 +95,13 @@ def tie(sites: Sequence[Site], groups: Sequence[Sequence[str]]) -> tuple[list[Si
             picked = [next(o for o in by_name[g].options if o.label == label) for g in group]
             options.append(Option(label, sum(o.cost for o in picked), sum(o.distortion for o in picked)))
         name = "+".join(group)
-        merged_sites.append(Site(name, tuple(options)))
+        merged_sites.append(SiteOptions(name, tuple(options)))
         members[name] = group
     singles = [s for s in sites if s.name not in used]
     return singles + merged_sites, members  # untied sites in the caller's order, merged ones after them
 
 
-def _check(sites: Sequence[Site], budget: float) -> None:
+def _check(sites: Sequence[SiteOptions], budget: float) -> None:
     if not sites:
         raise UsageError("nothing to allocate: no sites")
     if not np.isfinite(budget):
@@ -122,7 +125,7 @@ class Boundary:
     cost: float
 
 
-def allocate(sites: Sequence[Site], budget: float, members: dict | None = None,
+def allocate(sites: Sequence[SiteOptions], budget: float, members: dict | None = None,
              boundaries: Sequence[Boundary] = ()) -> Allocation:
     """Exact minimum-distortion choice under `sum(cost) + boundary costs <= budget` (scipy MILP / HiGHS)."""
     from scipy.optimize import Bounds, LinearConstraint, milp
@@ -166,7 +169,7 @@ def allocate(sites: Sequence[Site], budget: float, members: dict | None = None,
     return result
 
 
-def allocate_dp(sites: Sequence[Site], budget: float, resolution: int = 2000,
+def allocate_dp(sites: Sequence[SiteOptions], budget: float, resolution: int = 2000,
                 members: dict | None = None) -> Allocation:
     """Multiple-choice knapsack by dynamic programming on costs rounded up to `budget / resolution` steps.
 

@@ -23,10 +23,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ...analysis.allocate import BudgetInfeasible, Option, Site as AllocSite, allocate
+from ...analysis.allocate import BudgetInfeasible, Option, SiteOptions, allocate
 from ...core.errors import UsageError
 from .factorize import METHODS, Spectrum, single_threaded_blas, breakeven_rank, decompose, factored_params, max_useful_rank
-from .rewrite import Site, collect_grams, find_sites, micro_site, rewrite, site_model, weight_matrix
+from .rewrite import FactorSite, collect_grams, find_sites, micro_site, rewrite, site_model, weight_matrix
 from ...core.model import Model
 from ...core.numerics import output_distortion
 from ...core.runtime import make_session, measure_latencies, run
@@ -190,10 +190,10 @@ class LowRank(Pass):
             if not ranks:
                 decisions.append(Decision(s.node, "skipped", why_not))
                 continue
-            plans[s.node] = _Plan(s, spectrum, ranks, spectrum.errors(ranks), first[s.activation])
+            plans[s.node] = RankPlan(s, spectrum, ranks, spectrum.errors(ranks), first[s.activation])
         return plans
 
-    def _ranks(self, s: Site, spectrum: Spectrum) -> tuple[list[int], str]:
+    def _ranks(self, s: FactorSite, spectrum: Spectrum) -> tuple[list[int], str]:
         """Ranks offered for this site (all below break-even), or none and why."""
         r_max = max_useful_rank(s.n_in, s.n_out)
         be = breakeven_rank(s.n_in, s.n_out)
@@ -228,7 +228,7 @@ class LowRank(Pass):
             d = output_distortion(reference, run(make_session(candidate, ctx.runtime), probe), scores)
             p.gain, p.probe = d / p.errors[r], (r, d)
 
-    def _time(self, model: Model, p: "_Plan", ranks: list[int], ctx: Context) -> None:
+    def _time(self, model: Model, p: "RankPlan", ranks: list[int], ctx: Context) -> None:
         """The site alone, original and at `ranks`, timed interleaved in onnxruntime on its real input."""
         micro = site_model(model, p.site, p.x.shape)
         msite = micro_site(p.site)
@@ -241,12 +241,12 @@ class LowRank(Pass):
         for r, l in zip(ranks, lat[1:]):
             p.ms[r] = l.median_ms
 
-    def _faster(self, p: "_Plan", r: int) -> bool:
+    def _faster(self, p: "RankPlan", r: int) -> bool:
         return p.ms.get(r, math.inf) < p.original_ms * (1 - self.latency_margin)
 
     def _allocate(self, model: Model, plans: dict, probe, ctx: Context, counters: dict) -> dict[str, int]:
-        def site(p: "_Plan", cost, ranks) -> AllocSite:
-            return AllocSite(p.site.node, (Option("original", cost(None), 0.0),) +
+        def site(p: "RankPlan", cost, ranks) -> SiteOptions:
+            return SiteOptions(p.site.node, (Option("original", cost(None), 0.0),) +
                              tuple(Option(f"rank={r}", cost(r), p.distortion(r)) for r in ranks))
 
         if self.budget != "target_speedup":
@@ -315,7 +315,7 @@ class LowRank(Pass):
             f"{best['speedup']:.2f}x ({best['measured_ms']:.3f} ms against {best['original_ms']:.3f} ms, "
             f"{best['factorized']} sites factorized) after {len(tries)} measured tries"))
 
-    def _decision(self, p: "_Plan", rank: int | None) -> Decision:
+    def _decision(self, p: "RankPlan", rank: int | None) -> Decision:
         s, be = p.site, breakeven_rank(p.site.n_in, p.site.n_out)
         timing = (lambda r: f"measured {p.original_ms:.4f} ms -> {p.ms[r]:.4f} ms alone") if p.original_ms else None
         if rank is not None:
@@ -336,8 +336,10 @@ class LowRank(Pass):
 
 
 @dataclass
-class _Plan:
-    site: Site
+class RankPlan:
+    """One site's decomposition, the ranks offered, their errors and timings: what the rank choice reads."""
+
+    site: FactorSite
     spectrum: Spectrum
     ranks: list[int]
     errors: dict[int, float]

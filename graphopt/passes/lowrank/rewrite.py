@@ -28,7 +28,9 @@ from ...core.runtime import RuntimeSettings
 
 
 @dataclass
-class Site:
+class FactorSite:
+    """A Conv/MatMul/Gemm whose weight may be factorized: its tensors, orientation and shape as y = x @ W."""
+
     node: str
     op_type: str
     activation: str  # the input that multiplies the weight
@@ -60,7 +62,7 @@ class Site:
         return (self.activation, "cols" if self.weight_first else "rows", self.n_in)
 
 
-def find_sites(model: Model) -> list[Site]:
+def find_sites(model: Model) -> list[FactorSite]:
     g = model.graph
     consts = {n: t for n, t in model.initializers().items() if n in model.constant_names()}
     readers: dict[str, int] = {}
@@ -77,7 +79,7 @@ def find_sites(model: Model) -> list[Site]:
         weight_first = node.op_type == "MatMul" and first_const and node.input[1] not in consts
         w_name = node.input[0] if weight_first else (node.input[1] if len(node.input) > 1 else "")
         act = node.input[1] if weight_first else node.input[0]
-        site = Site(node.name, node.op_type, act, w_name, weight_first=weight_first, attrs=attrs)
+        site = FactorSite(node.name, node.op_type, act, w_name, weight_first=weight_first, attrs=attrs)
         sites.append(site)
         if w_name not in consts:
             site.reason = "weight is not a constant initializer"
@@ -116,7 +118,7 @@ def find_sites(model: Model) -> list[Site]:
     return sites
 
 
-def weight_matrix(model: Model, site: Site) -> np.ndarray:
+def weight_matrix(model: Model, site: FactorSite) -> np.ndarray:
     """The site's weight as W [n_in, n_out] (float32)."""
     w = numpy_helper.to_array(model.initializers()[site.weight])
     if site.op_type == "Conv":
@@ -127,7 +129,7 @@ def weight_matrix(model: Model, site: Site) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------------ rewrite
-def rewrite(model: Model, sites: list[Site], factors: dict[str, tuple[np.ndarray, np.ndarray]]) -> Model:
+def rewrite(model: Model, sites: list[FactorSite], factors: dict[str, tuple[np.ndarray, np.ndarray]]) -> Model:
     """A copy of `model` with each site named in `factors` replaced by its two thinner ops (in place, so the
     node order stays topological). The original weight initializer is dropped (it had no other reader)."""
     by_name = {s.node: s for s in sites}
@@ -152,7 +154,7 @@ def rewrite(model: Model, sites: list[Site], factors: dict[str, tuple[np.ndarray
     return make_model_like(model, g)
 
 
-def _factorized(site: Site, node: onnx.NodeProto, a: np.ndarray, b: np.ndarray, taken: set[str], opset: int):
+def _factorized(site: FactorSite, node: onnx.NodeProto, a: np.ndarray, b: np.ndarray, taken: set[str], opset: int):
     base = node.name or site.weight
     wa, wb = unique_name(f"{site.weight}_lowrank_a", taken), unique_name(f"{site.weight}_lowrank_b", taken)
     mid = unique_name(f"{node.output[0]}_lowrank", taken)
@@ -186,7 +188,7 @@ def _factorized(site: Site, node: onnx.NodeProto, a: np.ndarray, b: np.ndarray, 
 
 
 # ------------------------------------------------------------------------------------------ micro-models
-def site_model(model: Model, site: Site, shape: tuple) -> Model:
+def site_model(model: Model, site: FactorSite, shape: tuple) -> Model:
     """The site's node alone, reading an input `x` of `shape`, with its weight and bias: timed against its
     factorized versions (built from it with `rewrite`)."""
     node = next(n for n in model.graph.node if n.name == site.node)
@@ -208,13 +210,13 @@ def site_model(model: Model, site: Site, shape: tuple) -> Model:
     return Model(proto)
 
 
-def micro_site(site: Site) -> Site:
+def micro_site(site: FactorSite) -> FactorSite:
     """The same site as seen inside its micro-model (activation renamed to `x`)."""
-    return Site(**{**site.__dict__, "activation": "x"})
+    return FactorSite(**{**site.__dict__, "activation": "x"})
 
 
 # -------------------------------------------------------------------------------------------- calibration
-def collect_grams(model: Model, sites: list[Site], samples, settings: RuntimeSettings | None = None,
+def collect_grams(model: Model, sites: list[FactorSite], samples, settings: RuntimeSettings | None = None,
                   progress=None, timing_feed=None) -> tuple[dict[tuple, Gram], dict[str, np.ndarray]]:
     """XᵀX of every site's input rows (im2col patches for convs) over all samples, one sample in memory at a
     time; plus each activation's value on `timing_feed` (the latency shape; default the first sample), which
@@ -247,7 +249,7 @@ def collect_grams(model: Model, sites: list[Site], samples, settings: RuntimeSet
     return grams, first
 
 
-def _rows(site: Site, x: np.ndarray) -> np.ndarray:
+def _rows(site: FactorSite, x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, np.float32)
     if site.op_type == "Conv":
         return conv_patches(x, site.attrs, site.weight_shape[2:])
@@ -256,4 +258,4 @@ def _rows(site: Site, x: np.ndarray) -> np.ndarray:
     return x.reshape(-1, site.n_in)
 
 
-__all__ = ["Site", "find_sites", "weight_matrix", "rewrite", "site_model", "micro_site", "collect_grams"]
+__all__ = ["FactorSite", "find_sites", "weight_matrix", "rewrite", "site_model", "micro_site", "collect_grams"]

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 from onnx import helper, numpy_helper
 
-from ...analysis.allocate import BudgetInfeasible, Option, Site, allocate
+from ...analysis.allocate import BudgetInfeasible, Option, SiteOptions, allocate
 from ...core.capture import stream_tensors
 from ...core.conv import conv_patches
 from ...core.editing import all_names, node_inputs, unique_name
@@ -181,7 +181,8 @@ class Prune(Pass):
         target = budget
         choice = None
         for _ in range(12):
-            sites = [Site(str(g.id), tuple(Option(str(k), coef[g.id] * k, distortion[g.id][k]) for k in options[g.id]))
+            sites = [SiteOptions(str(g.id), tuple(Option(str(k), coef[g.id] * k, distortion[g.id][k])
+                                                  for k in options[g.id]))
                      for g in prunable]
             try:
                 alloc = allocate(sites, target - base)

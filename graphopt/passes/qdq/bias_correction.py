@@ -15,7 +15,7 @@ from onnx import helper, numpy_helper
 
 from ...core.capture import stream_tensors
 from ...core.model import Model
-from .sites import Site
+from .sites import QuantSite
 from .quant import QParams, quantize_weight, weight_qparams
 from ...core.runtime import RuntimeSettings
 
@@ -25,7 +25,7 @@ def fake_quantize(x: np.ndarray, q: QParams) -> np.ndarray:
     return (np.clip(np.round(x / scale) + zp, 0, 255) - zp) * scale
 
 
-def channel_means(model: Model, sites: list[Site], tensors: dict[str, QParams], samples, *,
+def channel_means(model: Model, sites: list[QuantSite], tensors: dict[str, QParams], samples, *,
                   settings: RuntimeSettings | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """{activation: (E[x], E[fake-quantized x])} per input channel (axis 1 for convs, the last axis for
     MatMul/Gemm), streamed over `samples`."""
@@ -45,7 +45,7 @@ def channel_means(model: Model, sites: list[Site], tensors: dict[str, QParams], 
     return {a: (s / max(n, 1), fq / max(n, 1)) for a, (s, fq, n) in sums.items()}
 
 
-def bias_shifts(model: Model, sites: list[Site], int8: set[str], tensors: dict[str, QParams], samples, *,
+def bias_shifts(model: Model, sites: list[QuantSite], int8: set[str], tensors: dict[str, QParams], samples, *,
                 settings: RuntimeSettings | None = None) -> dict[str, np.ndarray]:
     """{site: per-output-channel shift to subtract from its float bias} for the int8 sites that have a bias."""
     chosen = [s for s in sites if s.node in int8 and s.bias is not None and s.activation in tensors]

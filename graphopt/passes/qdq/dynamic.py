@@ -19,13 +19,13 @@ from onnx import helper, numpy_helper
 
 from ...core.editing import all_names, drop_unused_initializers, unique_name
 from ...core.model import Model
-from .sites import Site
+from .sites import QuantSite
 from .quant import quantize_weight, weight_qparams
 
 DYNAMIC_OPS = ("MatMul", "Gemm")
 
 
-def dynamic_reason(site: Site, model: Model) -> str:
+def dynamic_reason(site: QuantSite, model: Model) -> str:
     """Why `site` cannot take the dynamic form (empty if it can)."""
     if site.reason:
         return site.reason
@@ -34,7 +34,7 @@ def dynamic_reason(site: Site, model: Model) -> str:
     return ""
 
 
-def to_dynamic(model: Model, sites: list[Site]) -> Model:
+def to_dynamic(model: Model, sites: list[QuantSite]) -> Model:
     """A copy of `model` with every site in `sites` (MatMul/Gemm with constant weights) in dynamic int8."""
     out = model.copy()
     g = out.graph

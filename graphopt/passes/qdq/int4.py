@@ -105,9 +105,9 @@ def to_opset(model: Model, opset: int) -> Model:
 
 
 def constant_tables(model: Model) -> list:
-    """Gather nodes reading rows of a constant 2-D table (embeddings), as qdq_rewrite.Site records (macs holds
+    """Gather nodes reading rows of a constant 2-D table (embeddings), as QuantSite records (macs holds
     the table's element count, weight_axis the axis the int4 blocks run along: the hidden one)."""
-    from .sites import Site
+    from .sites import QuantSite
 
     inits = model.initializers()
     consts = model.constant_names()
@@ -118,6 +118,6 @@ def constant_tables(model: Model) -> list:
         axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
         dims = list(inits[node.input[0]].dims)
         if axis == 0 and len(dims) == 2 and dims[1] >= BLOCK_SIZE:
-            out.append(Site(node.name, "Gather", node.input[1], node.input[0], 1, None, node.output[0],
+            out.append(QuantSite(node.name, "Gather", node.input[1], node.input[0], 1, None, node.output[0],
                             macs=dims[0] * dims[1]))
     return out

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ...analysis.allocate import Allocation, Boundary, BudgetInfeasible, Option, Site as AllocSite, allocate
+from ...analysis.allocate import Allocation, Boundary, BudgetInfeasible, Option, SiteOptions, allocate
 from ...core.errors import InputError, UsageError
 from ...core.model import Model
 from ...core.numerics import output_distortion as distortion
@@ -23,7 +23,7 @@ from . import smooth
 from .bias_correction import bias_shifts
 from .dynamic import DYNAMIC_OPS, to_dynamic
 from .int4 import BLOCK_SIZE, MIN_OPSET as INT4_OPSET, constant_tables, to_int4, to_opset
-from .sites import MIN_OPSET, Site, find_sites, make_plan, needed_statistics, rewrite
+from .sites import MIN_OPSET, QuantSite, find_sites, make_plan, needed_statistics, rewrite
 from ...core.runtime import kernels, make_session, measure_latencies, run
 from ..base import Context, Decision, Pass, PassResult, register
 
@@ -242,7 +242,7 @@ class QDQ(Pass):
                 ["fp32"]
             dist = {"fp32": 0.0, "int8": sensitivity.get(s.node), "int4": sensitivity4.get(s.node)}
             low = min(per_element[label] for label in labels)
-            sites.append(AllocSite(s.node, tuple(Option(label, (per_element[label] - low) * s.macs, dist[label])
+            sites.append(SiteOptions(s.node, tuple(Option(label, (per_element[label] - low) * s.macs, dist[label])
                                                  for label in labels)))
         smallest_choice = {site.name: min(site.options, key=lambda o: o.cost) for site in sites}
 
@@ -308,7 +308,7 @@ class QDQ(Pass):
         return type(allocation)(choice, sum(o.cost for o in choice.values()),
                                 sum(o.distortion for o in choice.values()), allocation.budget, allocation.method)
 
-    def _search(self, options: list[AllocSite], boundaries, build, overrides, ctx: Context, frontier: list[dict]):
+    def _search(self, options: list[SiteOptions], boundaries, build, overrides, ctx: Context, frontier: list[dict]):
         """Bisect the latency budget for the cheapest allocation whose measured metric meets the target."""
         from ...core.numerics import compare_outputs
 
@@ -348,7 +348,7 @@ class QDQ(Pass):
                 lo = mid
         return best
 
-    def _calibrate(self, model: Model, sites: list[Site], calib, ctx: Context):
+    def _calibrate(self, model: Model, sites: list[QuantSite], calib, ctx: Context):
         from ...core.capture import collect_stats
 
         tensors = needed_statistics(model, sites)
@@ -366,7 +366,7 @@ class QDQ(Pass):
         return ranges, methods
 
     @staticmethod
-    def _decision(s: Site, label, sensitivity, keep_cost, methods, plan, ran, note: str | None) -> Decision:
+    def _decision(s: QuantSite, label, sensitivity, keep_cost, methods, plan, ran, note: str | None) -> Decision:
         parts = [f"sensitivity {sensitivity[s.node]:.3g}", f"float: {keep_cost[s.node]}"]
         if s.activation in methods and label != "int8-dynamic":
             parts.append(f"input range by {methods[s.activation]}")
@@ -380,7 +380,7 @@ class QDQ(Pass):
             parts.append(f"weight scale raised on {plan.bias_adjusted[s.node]} channels for the int32 bias")
         return Decision(s.node, label, "; ".join(parts))
 
-    def _overrides(self, usable: list[Site]) -> dict[str, str]:
+    def _overrides(self, usable: list[QuantSite]) -> dict[str, str]:
         if not self.overrides:
             return {}
         path = Path(self.overrides)
@@ -397,7 +397,7 @@ class QDQ(Pass):
         return dict(data)
 
 
-def island_costs(model: Model, usable: list[Site], loo: dict[str, float], float_minus_int8_ms: float):
+def island_costs(model: Model, usable: list[QuantSite], loo: dict[str, float], float_minus_int8_ms: float):
     """Split each site's measured cost of staying float alone (`loo`) into its own compute and the conversions at
     its two borders with int8 neighbours, so that a run of neighbouring float sites pays the borders once.
 
@@ -430,6 +430,6 @@ def first_rows(feeds: list[dict[str, np.ndarray]], rows: int) -> list[dict[str, 
     return out
 
 
-def _options(usable: list[Site], sensitivity: dict, keep_cost: dict) -> list[AllocSite]:
-    return [AllocSite(s.node, (Option("int8", 0.0, sensitivity[s.node]), Option("fp32", keep_cost[s.node], 0.0)))
+def _options(usable: list[QuantSite], sensitivity: dict, keep_cost: dict) -> list[SiteOptions]:
+    return [SiteOptions(s.node, (Option("int8", 0.0, sensitivity[s.node]), Option("fp32", keep_cost[s.node], 0.0)))
             for s in usable]

@@ -31,7 +31,9 @@ MIN_OPSET = 13  # per-channel QuantizeLinear/DequantizeLinear
 
 
 @dataclass
-class Site:
+class QuantSite:
+    """A Conv/MatMul/Gemm the qdq pass may put in int8: its tensors, the activation it may absorb, its cost."""
+
     node: str
     op_type: str
     activation: str  # the input tensor to quantize
@@ -48,7 +50,7 @@ class Site:
 
 
 @dataclass
-class Plan:
+class QuantPlan:
     """Which tensors carry Q/DQ and with what parameters, for a given set of int8 sites."""
 
     int8_sites: set[str]
@@ -57,7 +59,7 @@ class Plan:
     bias_shift: dict[str, np.ndarray] = field(default_factory=dict)  # subtracted from int8 sites' biases
 
 
-def find_sites(model: Model) -> list[Site]:
+def find_sites(model: Model) -> list[QuantSite]:
     """Every Conv/MatMul/Gemm with a constant weight, with the reason if it cannot be quantized."""
     g = model.graph
     consts = {n: t for n, t in model.initializers().items() if n in model.constant_names()}
@@ -72,7 +74,7 @@ def find_sites(model: Model) -> list[Site]:
             continue
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         weight = node.input[1] if len(node.input) > 1 else ""
-        site = Site(node.name, node.op_type, node.input[0], weight, 0, None, node.output[0])
+        site = QuantSite(node.name, node.op_type, node.input[0], weight, 0, None, node.output[0])
         if weight not in consts:
             site.reason = "weight is not a constant initializer"
         elif node.input[0] in consts:
@@ -130,7 +132,7 @@ def _clip_max(node: onnx.NodeProto, consts) -> float | None:
     return float(hi) if lo == 0.0 and hi is not None else None
 
 
-def tensors_to_quantize(model: Model, sites: list[Site], int8: set[str]) -> dict[str, str]:
+def tensors_to_quantize(model: Model, sites: list[QuantSite], int8: set[str]) -> dict[str, str]:
     """Tensor -> how its parameters are found: 'own' (its calibrated range) or 'same:<tensor>' (copy).
 
     Int8 sites quantize their input and effective output; follower ops extend the integer region. A graph output
@@ -160,18 +162,19 @@ def tensors_to_quantize(model: Model, sites: list[Site], int8: set[str]) -> dict
     return {t: how for t, how in plan.items() if t not in outputs or t in read}
 
 
-def needed_statistics(model: Model, sites: list[Site]) -> list[str]:
+def needed_statistics(model: Model, sites: list[QuantSite]) -> list[str]:
     """Tensors whose ranges any int8 assignment may need."""
     usable = {s.node for s in sites if not s.reason}
     plan = tensors_to_quantize(model, sites, usable)
     return sorted(t for t, how in plan.items() if how == "own")
 
 
-def make_plan(model: Model, sites: list[Site], int8: set[str], ranges: dict[str, tuple[float, float]]) -> Plan:
+def make_plan(model: Model, sites: list[QuantSite], int8: set[str],
+              ranges: dict[str, tuple[float, float]]) -> QuantPlan:
     how = tensors_to_quantize(model, sites, int8)
     by_name = {s.node: s for s in sites}
     caps = {by_name[s].effective_output: by_name[s].absorbed_max for s in int8 if by_name[s].absorbed}
-    plan = Plan(set(int8))
+    plan = QuantPlan(set(int8))
     for tensor in sorted(how, key=lambda t: how[t] != "own"):  # own ranges first, copies after
         rule = how[tensor]
         if rule == "own":
@@ -191,7 +194,7 @@ def make_plan(model: Model, sites: list[Site], int8: set[str], ranges: dict[str,
     return plan
 
 
-def rewrite(model: Model, sites: list[Site], plan: Plan) -> Model:
+def rewrite(model: Model, sites: list[QuantSite], plan: QuantPlan) -> Model:
     """A new model with the plan's Q/DQ nodes, int8 weights and int32 biases."""
     out = model.copy()
     g = out.graph

@@ -22,7 +22,7 @@ from onnx import helper, numpy_helper
 from ...core.capture import stream_tensors
 from ...core.editing import all_names, node_inputs, unique_name
 from ...core.model import Model
-from .sites import Site
+from .sites import QuantSite
 from ...core.runtime import RuntimeSettings
 
 ALPHAS = (0.3, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -43,17 +43,17 @@ class Smoothing:
         return f"smoothed, alpha {self.alpha:g} (int8 product error {self.error_before:.2e} -> {self.error_after:.2e})"
 
 
-def weight_k_by_n(site: Site, w: np.ndarray) -> np.ndarray:
+def weight_k_by_n(site: QuantSite, w: np.ndarray) -> np.ndarray:
     """The weight as [K inputs, N outputs], whatever its stored orientation."""
     return w.T if site.op_type == "Gemm" and site.weight_axis == 0 else w
 
 
-def plan(model: Model, sites: list[Site], samples, *, settings: RuntimeSettings | None = None,
+def plan(model: Model, sites: list[QuantSite], samples, *, settings: RuntimeSettings | None = None,
          max_rows: int = 1024, alphas=ALPHAS) -> list[Smoothing]:
     """Capture each site input's channel maxima and up to `max_rows` rows (kept per sample, since a dynamic
     scale covers one call), then choose alpha per input tensor by the error of the emulated dynamic int8
     products."""
-    groups: dict[str, list[Site]] = {}
+    groups: dict[str, list[QuantSite]] = {}
     for s in sites:
         groups.setdefault(s.activation, []).append(s)
     names = list(groups)
@@ -105,7 +105,7 @@ def _dynamic_int8_product(x: np.ndarray, w: np.ndarray, s: np.ndarray | None) ->
     return ((np.clip(np.round(xs / scale) + zp, 0, 255) - zp) * scale) @ wq
 
 
-def apply(model: Model, sites: list[Site], smoothings: list[Smoothing]) -> Model:
+def apply(model: Model, sites: list[QuantSite], smoothings: list[Smoothing]) -> Model:
     """A copy of `model` where every smoothed group's sites read input / s through one Mul and hold s-scaled
     weights (a weight also read elsewhere is copied, not changed). Exact in float."""
     out = model.copy()
