@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-RNG = np.random.default_rng(0)
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
 def init(name: str, arr) -> onnx.TensorProto:
@@ -27,16 +28,39 @@ def fvi(name, shape, dtype=TensorProto.FLOAT):
     return helper.make_tensor_value_info(name, dtype, shape)
 
 
-def bn_inits(prefix: str, c: int):
-    return [init(f"{prefix}_g", RNG.uniform(0.5, 1.5, c).astype(np.float32)),
-            init(f"{prefix}_b", RNG.uniform(-1, 1, c).astype(np.float32)),
-            init(f"{prefix}_m", RNG.uniform(-1, 1, c).astype(np.float32)),
-            init(f"{prefix}_v", RNG.uniform(0.5, 2, c).astype(np.float32))]
+def bn_inits(prefix: str, c: int, rng: np.random.Generator | int = 0):
+    """BatchNormalization parameters drawn from `rng` (a Generator, or a seed): the same for a given seed,
+    whichever tests ran before."""
+    rng = np.random.default_rng(rng)
+    return [init(f"{prefix}_g", rng.uniform(0.5, 1.5, c).astype(np.float32)),
+            init(f"{prefix}_b", rng.uniform(-1, 1, c).astype(np.float32)),
+            init(f"{prefix}_m", rng.uniform(-1, 1, c).astype(np.float32)),
+            init(f"{prefix}_v", rng.uniform(0.5, 2, c).astype(np.float32))]
 
 
 def bn_node(prefix: str, x: str, y: str, eps: float = 1e-5):
     return helper.make_node("BatchNormalization", [x, f"{prefix}_g", f"{prefix}_b", f"{prefix}_m", f"{prefix}_v"],
                             [y], name=prefix, epsilon=eps)
+
+
+def fashion_split(n_fit: int = 128, n_selection: int = 128, seed: int = 0):
+    """The 512 bundled Fashion-MNIST images (examples/fashion_test.npz), cut by image into three disjoint parts:
+    fit and selection, which passes may read, and the held-out rest, which no pass reads (the InputSet's
+    verification part). Returns (InputSet of one-image feeds, held-out images, held-out labels): score a pass's
+    result on the held-out images only."""
+    from graphopt.core.calibration import InputSet
+
+    images = np.load(EXAMPLES / "fashion_test.npz")["image"]
+    labels = np.load(EXAMPLES / "fashion_test_labels.npy")
+    order = np.random.default_rng(seed).permutation(len(images))
+    fit, selection, held = np.split(order, [n_fit, n_fit + n_selection])
+    assert len(held) >= 128, "too few held-out images to score on"
+
+    def feeds(idx):
+        return [{"image": images[i:i + 1]} for i in idx]
+
+    inputs = InputSet(fit=feeds(fit), selection=feeds(selection), verification=feeds(held))
+    return inputs, images[held], labels[held]
 
 
 def run_ort(model: onnx.ModelProto, feeds: dict) -> list[np.ndarray]:

@@ -19,7 +19,6 @@ from graphopt.core.model import Model
 from graphopt.passes.prune.build import build, zero_channels
 
 DOMAIN = "my.ops"
-RNG = np.random.default_rng(0)
 
 
 class ChannelScale(OpRun):
@@ -32,9 +31,10 @@ class ChannelScale(OpRun):
         return ((y if scale is None else y * scale).astype(x.dtype),)
 
 
-def net(with_scale: bool = False) -> Model:
+def net(with_scale: bool = False, seed: int = 0) -> Model:
     """conv(8) -> my.ops::ChannelScale -> Relu -> conv(4): the first conv's 8 channels cross the custom op."""
-    w = lambda *s: RNG.standard_normal(s).astype(np.float32)  # noqa: E731
+    rng = np.random.default_rng(seed)
+    w = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
     inputs = ["a", "s"] if with_scale else ["a"]
     nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["a"], name="c1", pads=[1, 1, 1, 1]),
              helper.make_node("ChannelScale", inputs, ["b"], name="cs", domain=DOMAIN, alpha=2.0),
@@ -42,7 +42,7 @@ def net(with_scale: bool = False) -> Model:
              helper.make_node("Conv", ["r", "w2", "b2"], ["y"], name="c2")]
     inits = [init("w1", w(8, 3, 3, 3)), init("b1", w(8)), init("w2", w(4, 8, 1, 1)), init("b2", w(4))]
     if with_scale:
-        inits.append(init("s", RNG.uniform(0.5, 2, (8, 1, 1)).astype(np.float32)))
+        inits.append(init("s", rng.uniform(0.5, 2, (8, 1, 1)).astype(np.float32)))
     graph = helper.make_graph(nodes, "g", [fvi("x", [1, 3, 6, 6])], [fvi("y", [1, 4, 6, 6])], inits)
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(DOMAIN, 1)])
     proto.ir_version = 8
@@ -60,7 +60,7 @@ def assert_builds_exactly(model: Model, cg) -> None:
     keep = {g.id: np.array([0, 2, 3, 5, 7])}
     pruned, zeroed = build(model, cg, keep), zero_channels(model, cg, keep)
     assert pruned.parameter_count() < model.parameter_count()
-    feeds = {"x": RNG.standard_normal((1, 3, 6, 6)).astype(np.float32)}
+    feeds = {"x": np.random.default_rng(1).standard_normal((1, 3, 6, 6)).astype(np.float32)}
     run = lambda m: ReferenceEvaluator(m.proto, new_ops=[ChannelScale]).run(None, feeds)[0]  # noqa: E731
     np.testing.assert_allclose(run(pruned), run(zeroed), rtol=1e-4, atol=1e-4)
 

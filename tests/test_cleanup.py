@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from builders import RNG, bn_inits, bn_node, fvi, init, make, run_ort
+from builders import bn_inits, bn_node, fvi, init, make, run_ort
 from onnx import TensorProto, helper
 
 from graphopt.core.model import Model
@@ -35,11 +35,12 @@ def ops(proto: onnx.ModelProto) -> list[str]:
 # ------------------------------------------------------------------------------- BatchNormalization
 @pytest.mark.parametrize("bias,group,eps", [(True, 1, 1e-5), (False, 1, 1e-3), (True, 2, 1e-5)])
 def test_fold_bn_into_conv_is_exact(tmp_path, bias, group, eps):
-    w = RNG.standard_normal((8, 4 // group, 3, 3)).astype(np.float32)
-    inits = [init("w", w)] + bn_inits("bn", 8)
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((8, 4 // group, 3, 3)).astype(np.float32)
+    inits = [init("w", w)] + bn_inits("bn", 8, rng)
     conv_in = ["x", "w"]
     if bias:
-        inits.append(init("b", RNG.standard_normal(8).astype(np.float32)))
+        inits.append(init("b", rng.standard_normal(8).astype(np.float32)))
         conv_in.append("b")
     nodes = [helper.make_node("Conv", conv_in, ["c"], name="conv", pads=[1, 1, 1, 1], group=group),
              bn_node("bn", "c", "y", eps)]
@@ -47,40 +48,43 @@ def test_fold_bn_into_conv_is_exact(tmp_path, bias, group, eps):
     model, result = apply(proto, "fold_batchnorm", tmp_path)
     assert result.changed and ops(result.model.proto) == ["Conv"]
     assert result.decisions[0].action == "folded"
-    assert_same_outputs(proto, result.model.proto, {"x": RNG.standard_normal((2, 4, 6, 6)).astype(np.float32)})
+    assert_same_outputs(proto, result.model.proto, {"x": rng.standard_normal((2, 4, 6, 6)).astype(np.float32)})
     assert ops(model.proto) == ["Conv", "BatchNormalization"], "the input model must not be mutated"
 
 
 def test_fold_bn_into_grouped_conv_transpose_is_exact(tmp_path):
-    w = RNG.standard_normal((4, 3, 2, 2)).astype(np.float32)  # Cin=4, Cout/group=3, group=2 -> Cout=6
+    rng = np.random.default_rng(2)
+    w = rng.standard_normal((4, 3, 2, 2)).astype(np.float32)  # Cin=4, Cout/group=3, group=2 -> Cout=6
     nodes = [helper.make_node("ConvTranspose", ["x", "w"], ["c"], name="deconv", strides=[2, 2], group=2),
              bn_node("bn", "c", "y")]
-    proto = make(nodes, [fvi("x", [1, 4, 5, 5])], [fvi("y", [1, 6, 10, 10])], [init("w", w)] + bn_inits("bn", 6))
+    proto = make(nodes, [fvi("x", [1, 4, 5, 5])], [fvi("y", [1, 6, 10, 10])], [init("w", w)] + bn_inits("bn", 6, rng))
     _, result = apply(proto, "fold_batchnorm", tmp_path)
     assert ops(result.model.proto) == ["ConvTranspose"]
-    assert_same_outputs(proto, result.model.proto, {"x": RNG.standard_normal((1, 4, 5, 5)).astype(np.float32)})
+    assert_same_outputs(proto, result.model.proto, {"x": rng.standard_normal((1, 4, 5, 5)).astype(np.float32)})
 
 
 @pytest.mark.parametrize("trans_b,with_c", [(0, True), (1, True), (1, False)])
 def test_fold_bn_into_gemm_is_exact(tmp_path, trans_b, with_c):
-    w = RNG.standard_normal((5, 7) if trans_b else (7, 5)).astype(np.float32)
-    inits = [init("w", w)] + bn_inits("bn", 5)
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((5, 7) if trans_b else (7, 5)).astype(np.float32)
+    inits = [init("w", w)] + bn_inits("bn", 5, rng)
     gemm_in = ["x", "w"]
     if with_c:
-        inits.append(init("c", RNG.standard_normal(5).astype(np.float32)))
+        inits.append(init("c", rng.standard_normal(5).astype(np.float32)))
         gemm_in.append("c")
     nodes = [helper.make_node("Gemm", gemm_in, ["g"], name="gemm", transB=trans_b, alpha=0.7, beta=1.3),
              bn_node("bn", "g", "y")]
     proto = make(nodes, [fvi("x", [3, 7])], [fvi("y", [3, 5])], inits)
     _, result = apply(proto, "fold_batchnorm", tmp_path)
     assert ops(result.model.proto) == ["Gemm"]
-    assert_same_outputs(proto, result.model.proto, {"x": RNG.standard_normal((3, 7)).astype(np.float32)})
+    assert_same_outputs(proto, result.model.proto, {"x": rng.standard_normal((3, 7)).astype(np.float32)})
 
 
 def _conv_bn(extra_nodes=(), conv_weight_is_input=False, outputs=("y",)):
-    w = RNG.standard_normal((4, 3, 1, 1)).astype(np.float32)
+    rng = np.random.default_rng(4)
+    w = rng.standard_normal((4, 3, 1, 1)).astype(np.float32)
     inputs = [fvi("x", [1, 3, 4, 4])] + ([fvi("w", [4, 3, 1, 1])] if conv_weight_is_input else [])
-    inits = ([] if conv_weight_is_input else [init("w", w)]) + bn_inits("bn", 4)
+    inits = ([] if conv_weight_is_input else [init("w", w)]) + bn_inits("bn", 4, rng)
     nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv"), bn_node("bn", "c", "y"), *extra_nodes]
     return make(nodes, inputs, [fvi(o, [1, 4, 4, 4]) for o in outputs], inits)
 
@@ -115,7 +119,7 @@ def test_remove_identity_inside_and_at_the_output(tmp_path):
     out = result.model.proto
     assert ops(out) == ["Relu", "Sigmoid"]
     assert [o.name for o in out.graph.output] == ["y"], "graph output names are kept"
-    assert_same_outputs(proto, out, {"x": RNG.standard_normal((2, 3)).astype(np.float32)})
+    assert_same_outputs(proto, out, {"x": np.random.default_rng(5).standard_normal((2, 3)).astype(np.float32)})
 
 
 def test_identity_from_input_to_output_is_kept(tmp_path):
@@ -153,7 +157,8 @@ def test_identity_read_inside_a_subgraph_is_rewired(tmp_path):
 
 # ------------------------------------------------------------------------------- constant folding
 def test_fold_constants_precomputes_weight_transforms_and_static_shapes(tmp_path):
-    w = RNG.standard_normal((6, 4)).astype(np.float32)
+    rng = np.random.default_rng(6)
+    w = rng.standard_normal((6, 4)).astype(np.float32)
     nodes = [helper.make_node("Transpose", ["w"], ["wt"], name="t", perm=[1, 0]),
              helper.make_node("MatMul", ["x", "wt"], ["m"], name="mm"),
              helper.make_node("Shape", ["m"], ["s"], name="shape"),
@@ -162,7 +167,7 @@ def test_fold_constants_precomputes_weight_transforms_and_static_shapes(tmp_path
     _, result = apply(proto, "fold_constants", tmp_path)
     assert ops(result.model.proto) == ["MatMul", "Reshape"]
     assert {d.site for d in result.decisions if d.action == "folded"} == {"t", "shape"}
-    assert_same_outputs(proto, result.model.proto, {"x": RNG.standard_normal((2, 4)).astype(np.float32)})
+    assert_same_outputs(proto, result.model.proto, {"x": rng.standard_normal((2, 4)).astype(np.float32)})
 
 
 def test_fold_constants_declines_growth_and_randomness(tmp_path):

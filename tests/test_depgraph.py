@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from builders import RNG, fvi, init, make, resnet_like, torch_export
+from builders import fvi, init, make, resnet_like, torch_export
 from onnx import helper
 
 from graphopt.analysis.depgraph import DependencyGraph
@@ -13,7 +13,7 @@ from graphopt.core.model import Model
 
 def _branchy():
     """x -> conv1 -> relu1 -+-> add -> relu2 -> y ; x -> conv2 ----^ ; add is a residual join."""
-    w = RNG.standard_normal((4, 4, 1, 1)).astype(np.float32)
+    w = np.random.default_rng(0).standard_normal((4, 4, 1, 1)).astype(np.float32)
     nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1"),
              helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
              helper.make_node("Conv", ["x", "w2"], ["c2"], name="conv2"),

@@ -140,14 +140,14 @@ def test_frozen_reasons():
     assert not any(g.prunable for g in cg.groups())
 
 
-def test_large_graph_analysis_is_fast():
-    """A 10,000-node conv net: the analysis is linear (the benchmark asserts < 2 s on a quiet machine)."""
+def test_large_graph_analysis_finds_every_group():
+    """A 10,000-node conv net is analysed whole (how fast is for tools/bench/prune_bench.py to measure, on a quiet
+    machine, not for a test)."""
     from bench.prune_bench import big_graph
 
     model = big_graph(10_000)
     assert len(model.graph.node) >= 10_000
     cg = analyse(model)
-    assert cg.seconds < 10
     assert sum(g.prunable for g in cg.groups()) > 1000
 
 
@@ -254,12 +254,13 @@ def test_budgets_out_of_reach_and_usage_errors():
 
 
 def test_cli_exit_codes(tmp_path):
+    import json
     import subprocess
 
     src = tmp_path / "m.onnx"
     onnx.save_model(small_cnn().proto, src)
     data = tmp_path / "calib.npz"
-    np.savez(data, x=np.random.default_rng(0).standard_normal((8, 3, 6, 6)).astype(np.float32))
+    np.savez(data, x=np.random.default_rng(0).standard_normal((32, 3, 6, 6)).astype(np.float32))  # 16 samples
 
     def cli(*args):
         return subprocess.run([sys.executable, "-m", "graphopt.cli", "optimize", str(src), "--calib", str(data),
@@ -271,8 +272,13 @@ def test_cli_exit_codes(tmp_path):
     assert bad.returncode == 2 and "importance" in bad.stderr
     far = cli("--pass", "prune:importance=magnitude", "--target-speedup", "50")
     assert far.returncode == 1 and "best reachable speed-up" in far.stderr, far.stderr
-    ok = cli("--pass", "prune:ratio=0.3,importance=activation", "--max-error", "10", "-o", str(tmp_path / "o.onnx"))
+    # a bound the result must really meet: relative L2 measures about 0.14 on the held-out samples
+    ok = cli("--pass", "prune:ratio=0.3,importance=activation", "--max-error", "0.3", "-o", str(tmp_path / "o.onnx"),
+             "--report", str(tmp_path / "r.json"))
     assert ok.returncode == 0, ok.stderr
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["passes"][0]["status"] == "applied" and report["tolerance"]["max_rel_l2"] == 0.3
+    assert 0.01 < report["verification"]["metrics"][0]["rel_l2"] <= 0.3, "lossy, within the bound"
     assert Model.load(tmp_path / "o.onnx").parameter_count() < Model.load(src).parameter_count()
 
 

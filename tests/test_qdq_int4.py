@@ -11,16 +11,14 @@ from graphopt.core.model import Model
 from graphopt.passes.qdq.int4 import blocked_int4, dequantized, int4_tensor, to_int4
 from graphopt.core.runtime import RuntimeSettings, kernels, make_session
 
-RNG = np.random.default_rng(5)
-
 
 def test_int4_packing_round_trips_through_onnx():
-    q = RNG.integers(-8, 8, (5, 7)).astype(np.int8)  # odd element count: the last byte is half used
+    q = np.random.default_rng(5).integers(-8, 8, (5, 7)).astype(np.int8)  # odd element count: the last byte is half used
     assert np.array_equal(numpy_helper.to_array(int4_tensor("q", q)).astype(np.int8), q)
 
 
 def test_blocks_run_along_the_axis_and_clipping_lowers_the_error():
-    w = RNG.standard_normal((70, 12)).astype(np.float32)  # 70 rows: the last block is partial
+    w = np.random.default_rng(6).standard_normal((70, 12)).astype(np.float32)  # 70 rows: the last block is partial
     q, scale = blocked_int4(w, axis=0, block_size=32)
     assert q.shape == w.shape and scale.shape == (3, 12) and q.min() >= -8 and q.max() <= 7
     deq = dequantized(w, axis=0, block_size=32)
@@ -30,12 +28,13 @@ def test_blocks_run_along_the_axis_and_clipping_lowers_the_error():
 
 
 def test_onnxruntime_dequantizes_exactly_what_we_computed():
-    w = RNG.standard_normal((64, 16)).astype(np.float32)
+    rng = np.random.default_rng(7)
+    w = rng.standard_normal((64, 16)).astype(np.float32)
     nodes = [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")]
     model = Model(make(nodes, [fvi("x", [3, 64])], [fvi("y", [3, 16])], [init("w", w)], opset=21, ir_version=10))
     q = to_int4(model, {"w": 0})
     onnx.checker.check_model(q.proto)
-    x = RNG.standard_normal((3, 64)).astype(np.float32)
+    x = rng.standard_normal((3, 64)).astype(np.float32)
     unfused = make_session(q, RuntimeSettings(graph_optimization="disable")).run(None, {"x": x})[0]
     np.testing.assert_allclose(unfused, x @ dequantized(w, axis=0), rtol=1e-5, atol=1e-5)
     # fused into MatMulNBits, which by default also rounds the activations to int8 per block (its accuracy level

@@ -63,11 +63,11 @@ def test_checkpoints_load_strictly():
 
 
 def test_resnet_accuracy_first_1000():
-    from bench.datasets import fashion_mnist, fashion_normalize
+    from bench.datasets import MaterialMissing, fashion_mnist, fashion_normalize
 
     try:
         images, labels = fashion_mnist("test")
-    except Exception as exc:  # data set not installed on this machine
+    except MaterialMissing as exc:  # data set not installed on this machine; any other error fails the test
         pytest.skip(str(exc))
     torch.set_num_threads(2)
     model = fashion_resnet.build()
@@ -78,7 +78,7 @@ def test_resnet_accuracy_first_1000():
 
 
 def test_dit_forward_shapes(dit_model):
-    x = torch.randn(3, 1, 28, 28)
+    x = torch.randn(3, 1, 28, 28, generator=torch.Generator().manual_seed(0))
     y = torch.tensor([0, 9, dit.NULL_CLASS])
     with torch.no_grad():
         eps_f = dit_model(x, torch.tensor([0.0, 500.0, 999.0]), y)
@@ -89,7 +89,7 @@ def test_dit_forward_shapes(dit_model):
 
 
 def test_dit_out_of_range_label_is_null_class(dit_model):
-    x = torch.randn(4, 1, 28, 28)
+    x = torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(1))
     t = torch.full((4,), 300.0)
     with torch.no_grad():
         odd = dit_model(x, t, torch.tensor([-1, 11, 999, dit.NULL_CLASS]))
@@ -101,9 +101,8 @@ def test_dit_out_of_range_label_is_null_class(dit_model):
 
 def test_graphopt_export_contract():
     """`graphopt export models.X:build` with each module's EXPORT spec: torch and ORT agree at two batch sizes."""
-    graphopt = pytest.importorskip("graphopt")
-    if not hasattr(graphopt, "export"):
-        pytest.skip("graphopt.export not available")
+    import graphopt  # the package under test: if it, or its export, is missing, that is a failure, not a skip
+
     for module in (fashion_resnet, dit):
         spec = module.EXPORT
         result = graphopt.export(module.build(), spec["inputs"], None, dynamic=spec["dynamic"],

@@ -253,7 +253,7 @@ def test_no_pass_reads_the_verification_samples(spec):
 
     result = create(*parse_pass_spec(spec)).run(model, ctx)
     if spec.startswith("qdq"):  # on this tiny model float is the fastest: the search ran, on selection samples
-        assert result.details["frontier"] and all(f["meets_target"] is not None for f in result.details["frontier"])
+        assert result.details["frontier"], "the accuracy search measured candidates (reading verification raises)"
     else:
         assert result.changed
 
