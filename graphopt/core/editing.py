@@ -6,7 +6,10 @@ look inside If/Loop/Scan bodies too.
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
+from onnx import helper, numpy_helper
+
 
 def subgraph_reads(node: onnx.NodeProto) -> set[str]:
     """Names a node's subgraphs read from the enclosing scope."""
@@ -101,6 +104,34 @@ def drop_stale_value_info(graph: onnx.GraphProto) -> None:
     stale = [vi for vi in graph.value_info if vi.name not in produced]
     for vi in stale:
         graph.value_info.remove(vi)
+
+
+def node_attrs(node: onnx.NodeProto) -> dict:
+    """A node's attributes as Python values."""
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def set_attr(node: onnx.NodeProto, name: str, value) -> None:
+    """Set (replace or add) one attribute of a node."""
+    remove_attr(node, name)
+    node.attribute.append(helper.make_attribute(name, value))
+
+
+def remove_attr(node: onnx.NodeProto, name: str) -> None:
+    for a in [a for a in node.attribute if a.name == name]:
+        node.attribute.remove(a)
+
+
+def add_initializer(graph: onnx.GraphProto, base: str, value, taken: set[str]) -> str:
+    """Store `value` as a new initializer named after `base` (made unique against `taken`); returns the name."""
+    name = unique_name(base, taken)
+    graph.initializer.append(numpy_helper.from_array(np.asarray(value), name))
+    return name
+
+
+def new_node(op: str, inputs, outputs, taken: set[str], **attrs) -> onnx.NodeProto:
+    """A node named after its first output and its op type (made unique against `taken`)."""
+    return helper.make_node(op, inputs, outputs, name=unique_name(f"{outputs[0]}_{op}", taken), **attrs)
 
 
 def unique_name(base: str, taken: set[str]) -> str:

@@ -20,6 +20,7 @@ from google.protobuf.message import DecodeError
 from onnx import numpy_helper
 
 from .._version import __version__
+from .editing import unique_name
 from .errors import InputError
 
 # onnxruntime only guarantees operators from this default-domain opset on.
@@ -268,12 +269,7 @@ def _name_unnamed_nodes(proto: onnx.ModelProto) -> None:
     seen: set[str] = set()
     for i, node in enumerate(proto.graph.node):
         if not node.name or node.name in seen:
-            base = node.name or f"{node.op_type}_{i}"
-            name, k = base, 0
-            while name in seen:
-                k += 1
-                name = f"{base}_{k}"
-            node.name = name
+            node.name = unique_name(node.name or f"{node.op_type}_{i}", seen)
         seen.add(node.name)
 
 

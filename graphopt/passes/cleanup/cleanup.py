@@ -13,7 +13,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ...core.editing import (all_names, drop_stale_value_info, drop_unused_initializers, has_subgraph, live_tensors,
-                             node_inputs, rename_output, replace_input, unique_name)
+                             node_attrs, node_inputs, rename_output, replace_input, set_attr, unique_name)
 from ...core.model import Model
 from ...core.shapes import tensor_infos
 from ..base import Context, Decision, Pass, PassResult, register
@@ -24,10 +24,6 @@ DEFAULT_DOMAINS = ("", "ai.onnx")
 def _copy(model: Model) -> tuple[Model, onnx.GraphProto]:
     out = model.copy()
     return out, out.proto.graph
-
-
-def _attrs(node: onnx.NodeProto) -> dict:
-    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
 def _consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
@@ -103,7 +99,7 @@ class FoldBatchNorm(Pass):
 
 
 def _why_not_foldable(bn, prev, consts, readers, outputs) -> str:
-    attrs = _attrs(bn)
+    attrs = node_attrs(bn)
     if attrs.get("training_mode", 0):
         return "BatchNormalization is in training mode"
     if len([o for o in bn.output if o]) > 1:
@@ -118,7 +114,7 @@ def _why_not_foldable(bn, prev, consts, readers, outputs) -> str:
         return f"the output of {prev.name} is also used elsewhere"
     if prev.input[1] not in consts or (len(prev.input) > 2 and prev.input[2] and prev.input[2] not in consts):
         return f"{prev.name} weights are not constant initializers"
-    if prev.op_type == "Gemm" and (_attrs(prev).get("transA", 0) or len(consts[prev.input[1]].dims) != 2):
+    if prev.op_type == "Gemm" and (node_attrs(prev).get("transA", 0) or len(consts[prev.input[1]].dims) != 2):
         return "Gemm with transA is not folded"
     return ""
 
@@ -126,7 +122,7 @@ def _why_not_foldable(bn, prev, consts, readers, outputs) -> str:
 def _bn_affine(bn, consts) -> tuple[np.ndarray, np.ndarray]:
     """BN(x) = scale * x + shift, computed in float64 with the node's own epsilon."""
     gamma, beta, mean, var = (numpy_helper.to_array(consts[n]).astype(np.float64) for n in bn.input[1:5])
-    eps = _attrs(bn).get("epsilon", 1e-5)
+    eps = node_attrs(bn).get("epsilon", 1e-5)
     scale = gamma / np.sqrt(var + eps)
     return scale, beta - mean * scale
 
@@ -148,7 +144,7 @@ def _fold_into(prev, scale, shift, consts, taken) -> list[onnx.TensorProto] | st
         w64 = w64 * scale.reshape((-1,) + (1,) * (w.ndim - 1))
         bias = shift if bias is None else bias * scale + shift
     elif prev.op_type == "ConvTranspose":
-        group = _attrs(prev).get("group", 1)
+        group = node_attrs(prev).get("group", 1)
         cin, cout_g = w.shape[0], w.shape[1]
         if cout_g * group != channels:
             return "channel count of ConvTranspose and BatchNormalization differ"
@@ -158,7 +154,7 @@ def _fold_into(prev, scale, shift, consts, taken) -> list[onnx.TensorProto] | st
         w64 = grouped.reshape(w.shape)
         bias = shift if bias is None else bias * scale + shift
     else:  # Gemm: Y = alpha * A @ B' + beta * C, BN over the last axis
-        attrs = _attrs(prev)
+        attrs = node_attrs(prev)
         alpha, beta = attrs.get("alpha", 1.0), attrs.get("beta", 1.0)
         trans_b = attrs.get("transB", 0)
         if (w.shape[0] if trans_b else w.shape[1]) != channels:
@@ -166,8 +162,8 @@ def _fold_into(prev, scale, shift, consts, taken) -> list[onnx.TensorProto] | st
         w64 = alpha * w64 * (scale[:, None] if trans_b else scale[None, :])
         c = beta * bias if bias is not None else 0.0
         bias = np.broadcast_to(c * scale + shift, np.broadcast_shapes(np.shape(c), scale.shape)).copy()
-        _set_attr(prev, "alpha", 1.0)
-        _set_attr(prev, "beta", 1.0)
+        set_attr(prev, "alpha", 1.0)
+        set_attr(prev, "beta", 1.0)
     w_name = unique_name(f"{prev.input[1]}_bnfold", taken)
     b_name = unique_name(f"{prev.name}_bias_bnfold", taken)
     prev.input[1] = w_name
@@ -176,13 +172,6 @@ def _fold_into(prev, scale, shift, consts, taken) -> list[onnx.TensorProto] | st
     else:
         prev.input.append(b_name)
     return [numpy_helper.from_array(w64.astype(dtype), w_name), numpy_helper.from_array(bias.astype(dtype), b_name)]
-
-
-def _set_attr(node: onnx.NodeProto, name: str, value) -> None:
-    for a in list(node.attribute):
-        if a.name == name:
-            node.attribute.remove(a)
-    node.attribute.append(helper.make_attribute(name, value))
 
 
 # ============================================================================ Identity / Dropout removal
@@ -229,7 +218,7 @@ def _why_not_removable(node, opset: int, consts) -> str:
         return ""
     if len(node.output) > 1 and node.output[1]:
         return "Dropout's mask output is used"
-    attrs = _attrs(node)
+    attrs = node_attrs(node)
     if opset < 7 and not attrs.get("is_test", 0):
         return "Dropout is in training mode (is_test=0)"
     if len(node.input) > 2 and node.input[2]:
@@ -318,7 +307,7 @@ def _static_shapes(model: Model) -> dict[str, tuple[int, ...]]:
 
 
 def _shape_value(node, shape) -> np.ndarray:
-    attrs = _attrs(node)
+    attrs = node_attrs(node)
     start, end = attrs.get("start", 0), attrs.get("end", None)
     return np.array(shape[start:end], dtype=np.int64)
 

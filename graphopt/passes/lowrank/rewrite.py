@@ -20,7 +20,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ...core.capture import stream_tensors
 from ...core.conv import conv_patches
-from ...core.editing import all_names, drop_unused_initializers, node_inputs, unique_name
+from ...core.editing import all_names, drop_unused_initializers, node_attrs, node_inputs, unique_name
 from ...core.errors import InputError
 from .factorize import Gram, conv_factors, conv_matrix
 from ...core.model import Model, make_model_like
@@ -73,8 +73,7 @@ def find_sites(model: Model) -> list[FactorSite]:
     for node in g.node:
         if node.domain not in ("", "ai.onnx") or node.op_type not in ("Conv", "MatMul", "Gemm"):
             continue
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in attrs.items()}
+        attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in node_attrs(node).items()}
         first_const = node.input[0] in consts
         weight_first = node.op_type == "MatMul" and first_const and node.input[1] not in consts
         w_name = node.input[0] if weight_first else (node.input[1] if len(node.input) > 1 else "")

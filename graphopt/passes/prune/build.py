@@ -23,7 +23,8 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ...analysis.channel_groups import ChannelGroups
-from ...core.editing import all_names, drop_unused_initializers, node_inputs, unique_name
+from ...core.editing import (all_names, drop_unused_initializers, node_attrs, node_inputs, remove_attr, set_attr,
+                             unique_name)
 from ...core.model import Model, make_model_like
 
 
@@ -150,11 +151,11 @@ def build(model: Model, cg: ChannelGroups, keep: dict[int, np.ndarray],
                 arr = np.take(arr, pos[tensor], axis=axis)
             ed.set(ed.own(node, idx), np.ascontiguousarray(arr))
         if plan.kind == "depthwise" and touched:
-            _set_attr(node, "group", len(pos[node.output[0]]))
+            set_attr(node, "group", len(pos[node.output[0]]))
         elif plan.kind == "split" and plan.data["source"] in pos:
             sizes = np.array([len(pos[o]) if o in pos else _length(cg, o) for o in node.output], np.int64)
-            _remove_attr(node, "split")
-            _remove_attr(node, "num_outputs")
+            remove_attr(node, "split")
+            remove_attr(node, "num_outputs")
             if cg.opset >= 13:
                 name_ = ed.new(f"{node.name}_split", sizes)
                 if len(node.input) > 1:
@@ -162,7 +163,7 @@ def build(model: Model, cg: ChannelGroups, keep: dict[int, np.ndarray],
                 else:
                     node.input.append(name_)
             else:
-                node.attribute.append(helper.make_attribute("split", [int(v) for v in sizes]))
+                set_attr(node, "split", [int(v) for v in sizes])
         elif plan.kind == "slice" and plan.data["source"] in pos:
             kept = pos[plan.data["source"]]
             i = plan.data["index"]
@@ -191,17 +192,6 @@ def _length(cg: ChannelGroups, tensor: str) -> int:
     return cg.length(cg.tracked[tensor].layout)
 
 
-def _set_attr(node, name, value) -> None:
-    _remove_attr(node, name)
-    node.attribute.append(helper.make_attribute(name, value))
-
-
-def _remove_attr(node, name) -> None:
-    for a in list(node.attribute):
-        if a.name == name:
-            node.attribute.remove(a)
-
-
 def _fold(ed: _Editor, node, plan, pos, fill, graph) -> None:
     """Add W[:, removed] . fill[removed] to the node's bias (before its weight is sliced)."""
     x = plan.data["consumes"]
@@ -215,11 +205,11 @@ def _fold(ed: _Editor, node, plan, pos, fill, graph) -> None:
     part = np.moveaxis(part, (w_out, w_in), (0, 1)).reshape(part.shape[w_out], len(removed), -1).sum(axis=2)
     delta = part @ values[removed]  # [out channels]
     if node.op_type == "Gemm":
-        alpha = _attr(node, "alpha", 1.0)
-        beta = _attr(node, "beta", 1.0)
+        attrs = node_attrs(node)
+        alpha, beta = attrs.get("alpha", 1.0), attrs.get("beta", 1.0)
         delta = delta * alpha / (beta if beta else 1.0)
         if beta == 0:
-            _set_attr(node, "beta", 1.0)
+            set_attr(node, "beta", 1.0)
     dtype = ed.get(node.input[plan.data["weight"]]).dtype
     bias_index = plan.data.get("bias")
     if node.op_type == "MatMul":
@@ -262,13 +252,6 @@ def _resort(graph) -> None:
     order = _topological(graph)
     del graph.node[:]
     graph.node.extend(order)
-
-
-def _attr(node, name, default=None):
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
 
 
 def zero_channels(model: Model, cg: ChannelGroups, keep: dict[int, np.ndarray]) -> Model:

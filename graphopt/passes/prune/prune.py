@@ -21,7 +21,7 @@ from onnx import helper, numpy_helper
 from ...analysis.allocate import BudgetInfeasible, Option, SiteOptions, allocate
 from ...core.capture import stream_tensors
 from ...core.conv import conv_patches
-from ...core.editing import all_names, node_inputs, unique_name
+from ...core.editing import add_initializer, all_names, new_node, node_attrs, node_inputs, unique_name
 from ...analysis.channel_groups import ChannelGroups, analyse
 from ...core.errors import UsageError
 from ...core.model import Model
@@ -307,11 +307,14 @@ def _channel_scores(cg: ChannelGroups, g, stats, importance: str) -> np.ndarray:
         if plan is None or plan.kind != "producer":
             continue
         node = cg.nodes[name]
-        w = cg.array(node.input[plan.data["weight"]])
-        axis = plan.data["w_out_axis"]
-        norms = np.sqrt(np.sum(np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1).astype(np.float64) ** 2, axis=1))
+        norms = _norms(cg.array(node.input[plan.data["weight"]]), plan.data["w_out_axis"])
         total += _to_channels(cg, node.output[0], norms / max(norms.mean(), 1e-30), g.id)
     return total
+
+
+def _norms(w: np.ndarray, axis: int) -> np.ndarray:
+    """L2 norm of each slice of `w` along `axis`."""
+    return np.sqrt(np.sum(np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1).astype(np.float64) ** 2, axis=1))
 
 
 def _to_channels(cg: ChannelGroups, tensor: str, per_position: np.ndarray, gid: int) -> np.ndarray:
@@ -349,10 +352,8 @@ def _activation_stats(model: Model, cg: ChannelGroups, prunable, feeds, ctx) -> 
         if x is None or not any(cg.find(s.group) in roots for s in cg.tracked[x].layout):
             continue
         node = cg.nodes[name]
-        w = cg.array(node.input[plan.data["weight"]])
-        axis = plan.data["w_in_axis"]
-        norms = np.sqrt(np.sum(np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1).astype(np.float64) ** 2, axis=1))
-        wanted.setdefault(x, []).append((name, norms))
+        wanted.setdefault(x, []).append((name, _norms(cg.array(node.input[plan.data["weight"]]),
+                                                      plan.data["w_in_axis"])))
     sums: dict[str, list] = {}
 
     def fold(values: dict[str, np.ndarray]) -> None:
@@ -509,8 +510,7 @@ def _design(node, new_node, current, x, y, out_pos, rng, per_sample):
     """Rows of (input patch, original output) at a random subset of output positions."""
     if node.op_type == "Conv":
         w, _ = _weights(current, new_node)
-        attrs = {a.name: helper.get_attribute_value(a) for a in new_node.attribute}
-        patches = conv_patches(x, attrs, w.shape[2:])  # [N*P, C*k*k]
+        patches = conv_patches(x, node_attrs(new_node), w.shape[2:])  # [N*P, C*k*k]
         target = y.reshape(y.shape[0], y.shape[1], -1).transpose(0, 2, 1)  # [N, P, M]
         target = target.reshape(-1, target.shape[-1])
     else:
@@ -533,8 +533,7 @@ def _apply_fit(model: Model, name: str, ata, aty, ridge: float) -> Model:
     if node.op_type == "Conv":
         w0 = w.reshape(w.shape[0], -1).T  # [C*k*k, M]
     elif node.op_type == "Gemm":
-        trans_b = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "transB"), 0)
-        alpha = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "alpha"), 1.0)
+        trans_b, alpha = node_attrs(node).get("transB", 0), node_attrs(node).get("alpha", 1.0)
         w0 = (w.T if trans_b else w) * alpha
     else:
         w0 = w
@@ -556,7 +555,7 @@ def _apply_fit(model: Model, name: str, ata, aty, ridge: float) -> Model:
     elif node.op_type == "Gemm":
         new_w = (w_fit.T if trans_b else w_fit) / alpha
         _set_init(out, node, 1, new_w.astype(dtype))
-        beta = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "beta"), 1.0) or 1.0
+        beta = node_attrs(node).get("beta", 1.0) or 1.0
         _set_bias(out, node, (b_fit / beta).astype(dtype))
     else:
         _set_init(out, node, 1, w_fit.astype(dtype))
@@ -575,9 +574,8 @@ def _add_bias_after(model: Model, node, bias: np.ndarray) -> None:
     taken = all_names(model.graph)
     y = node.output[0]
     node.output[0] = unique_name(f"{y}_refit", taken)
-    name = unique_name(f"{node.name}_refit_bias", taken)
-    model.graph.initializer.append(numpy_helper.from_array(bias, name))
-    add = helper.make_node("Add", [node.output[0], name], [y], name=unique_name(f"{node.name}_refit_add", taken))
+    name = add_initializer(model.graph, f"{node.name}_refit_bias", bias, taken)
+    add = new_node("Add", [node.output[0], name], [y], taken)
     nodes = list(model.graph.node)
     nodes.insert(next(i for i, n in enumerate(nodes) if n.name == node.name) + 1, add)
     del model.graph.node[:]

@@ -11,9 +11,10 @@ plan chose. Exact in expectation for the site in isolation (zero padding at conv
 from __future__ import annotations
 
 import numpy as np
-from onnx import helper, numpy_helper
+from onnx import numpy_helper
 
 from ...core.capture import stream_tensors
+from ...core.editing import node_attrs
 from ...core.model import Model
 from .sites import QuantSite
 from .quant import QParams, quantize_weight, weight_qparams
@@ -62,7 +63,7 @@ def bias_shifts(model: Model, sites: list[QuantSite], int8: set[str], tensors: d
         shape[s.weight_axis] = -1
         wq = wq * wq_params.scale.reshape(shape)
         if s.op_type == "Conv":
-            group = next((helper.get_attribute_value(a) for a in nodes[s.node].attribute if a.name == "group"), 1)
+            group = node_attrs(nodes[s.node]).get("group", 1)
             per_group = w.shape[1]
             out_per_group = w.shape[0] // group
             # input channel of (output o, weight channel c): (o // out_per_group) * per_group + c

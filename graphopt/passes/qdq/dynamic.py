@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import numpy_helper
 
-from ...core.editing import all_names, drop_unused_initializers, unique_name
+from ...core.editing import add_initializer, all_names, drop_unused_initializers, new_node, node_attrs, unique_name
 from ...core.model import Model
 from .sites import QuantSite
 from .quant import quantize_weight, weight_qparams
@@ -42,16 +42,13 @@ def to_dynamic(model: Model, sites: list[QuantSite]) -> Model:
     consts = out.initializers()
     by_name = {s.node: s for s in sites}
     quantized_inputs: dict[str, tuple[str, str, str]] = {}  # float tensor -> (xq, x_scale, x_zp)
-    new_inits: list[onnx.TensorProto] = []
     nodes: list[onnx.NodeProto] = []
 
     def const(name: str, value: np.ndarray) -> str:
-        name = unique_name(name, taken)
-        new_inits.append(numpy_helper.from_array(value, name))
-        return name
+        return add_initializer(g, name, value, taken)
 
     def make(op, inputs, outputs, **attrs) -> onnx.NodeProto:
-        return helper.make_node(op, inputs, outputs, name=unique_name(f"{outputs[0]}_{op}", taken), **attrs)
+        return new_node(op, inputs, outputs, taken, **attrs)
 
     for node in g.node:
         s = by_name.get(node.name)
@@ -68,7 +65,7 @@ def to_dynamic(model: Model, sites: list[QuantSite]) -> Model:
         if s.op_type == "Gemm" and s.weight_axis == 0:  # transB: MatMulInteger wants [K, N]
             w = w.T
         if s.op_type == "Gemm":  # MatMulInteger has no alpha: fold it into the weight (a site's C needs alpha 1)
-            w = w * np.float32(next((a.f for a in node.attribute if a.name == "alpha"), 1.0))
+            w = w * np.float32(node_attrs(node).get("alpha", 1.0))
         wq = weight_qparams(w, axis=1)
         scale = unique_name(f"{node.name}_scale", taken)
         nodes.append(make("Mul", [x_scale, const(f"{s.weight}_scale", wq.scale)], [scale]))
@@ -88,6 +85,5 @@ def to_dynamic(model: Model, sites: list[QuantSite]) -> Model:
             nodes.append(make("Mul", [cast, scale], [y]))
     del g.node[:]
     g.node.extend(nodes)
-    g.initializer.extend(new_inits)
     drop_unused_initializers(g, {s.weight for s in sites})  # the float weights the int8 copies replaced
     return out

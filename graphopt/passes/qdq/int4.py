@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ...core.editing import all_names, drop_unused_initializers, unique_name
+from ...core.editing import add_initializer, all_names, drop_unused_initializers, unique_name
 from ...core.model import Model
 
 MIN_OPSET = 21  # int4 types and block_size in DequantizeLinear
@@ -74,9 +74,9 @@ def to_int4(model: Model, weights: dict[str, int], block_size: int = BLOCK_SIZE)
     for name, axis in weights.items():
         w = numpy_helper.to_array(inits[name])
         q, scale = blocked_int4(w, axis, block_size)
-        q_name, s_name = unique_name(f"{name}_int4", taken), unique_name(f"{name}_scale", taken)
+        q_name = unique_name(f"{name}_int4", taken)
         g.initializer.append(int4_tensor(q_name, q))
-        g.initializer.append(numpy_helper.from_array(scale, s_name))
+        s_name = add_initializer(g, f"{name}_scale", scale, taken)
         renamed[name] = unique_name(f"{name}_dq", taken)
         dq_nodes.append(helper.make_node("DequantizeLinear", [q_name, s_name], [renamed[name]],
                                          name=unique_name(f"{name}_DequantizeLinear", taken), axis=axis,

@@ -21,7 +21,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ...core.editing import all_names, drop_stale_value_info, drop_unused_initializers, unique_name
+from ...core.editing import (add_initializer, all_names, drop_stale_value_info, drop_unused_initializers, new_node,
+                             node_attrs, unique_name)
 from ...core.model import Model
 from .quant import QParams, activation_qparams, guard_bias_overflow, quantize_bias, quantize_weight, weight_qparams
 
@@ -72,7 +73,7 @@ def find_sites(model: Model) -> list[QuantSite]:
     for node in g.node:
         if node.domain not in ("", "ai.onnx") or node.op_type not in ("Conv", "MatMul", "Gemm"):
             continue
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        attrs = node_attrs(node)
         weight = node.input[1] if len(node.input) > 1 else ""
         site = QuantSite(node.name, node.op_type, node.input[0], weight, 0, None, node.output[0])
         if weight not in consts:
@@ -126,7 +127,7 @@ def _clip_max(node: onnx.NodeProto, consts) -> float | None:
     """The max of a Clip whose min is 0 (so uint8 with zero-point 0 implements it), else None."""
     lo = numpy_helper.to_array(consts[node.input[1]]) if len(node.input) > 1 and node.input[1] in consts else None
     hi = numpy_helper.to_array(consts[node.input[2]]) if len(node.input) > 2 and node.input[2] in consts else None
-    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    attrs = node_attrs(node)
     lo = float(lo) if lo is not None else attrs.get("min")
     hi = float(hi) if hi is not None else attrs.get("max")
     return float(hi) if lo == 0.0 and hi is not None else None
@@ -201,18 +202,14 @@ def rewrite(model: Model, sites: list[QuantSite], plan: QuantPlan) -> Model:
     taken = all_names(g)
     by_name = {s.node: s for s in sites}
     consts = out.initializers()
-    new_inits: list[onnx.TensorProto] = []
     new_nodes: dict[str, list[onnx.NodeProto]] = {}  # inserted before the node with this name
     drop = {by_name[s].absorbed for s in plan.int8_sites if by_name[s].absorbed}
 
     def const(name: str, value: np.ndarray) -> str:
-        name = unique_name(name, taken)
-        new_inits.append(numpy_helper.from_array(value, name))
-        return name
+        return add_initializer(g, name, value, taken)
 
     def node(op, inputs, outputs, before, **attrs):
-        new_nodes.setdefault(before, []).append(
-            helper.make_node(op, inputs, outputs, name=unique_name(f"{outputs[0]}_{op}", taken), **attrs))
+        new_nodes.setdefault(before, []).append(new_node(op, inputs, outputs, taken, **attrs))
 
     float_readers = {}  # float Conv/Gemm site -> its own per-channel DQ of a quantized input
     for node_proto in g.node:
@@ -287,7 +284,6 @@ def rewrite(model: Model, sites: list[QuantSite], plan: QuantPlan) -> Model:
                 ordered.extend(replacements[name][:2])
     del g.node[:]
     g.node.extend(ordered)
-    g.initializer.extend(new_inits)
     drop_unused_initializers(g)
     drop_stale_value_info(g)
     return Model(out.proto, model.source)

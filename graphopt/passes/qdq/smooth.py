@@ -20,7 +20,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ...core.capture import stream_tensors
-from ...core.editing import all_names, node_inputs, unique_name
+from ...core.editing import add_initializer, all_names, node_inputs, unique_name
 from ...core.model import Model
 from .sites import QuantSite
 from ...core.runtime import RuntimeSettings
@@ -121,8 +121,7 @@ def apply(model: Model, sites: list[QuantSite], smoothings: list[Smoothing]) -> 
     for sm in smoothings:
         if sm.alpha is None:
             continue
-        inv = unique_name(f"{sm.activation}_smooth_inv", taken)
-        g.initializer.append(numpy_helper.from_array((1.0 / sm.scale).astype(np.float32), inv))
+        inv = add_initializer(g, f"{sm.activation}_smooth_inv", (1.0 / sm.scale).astype(np.float32), taken)
         smoothed = unique_name(f"{sm.activation}_smoothed", taken)
         mul = helper.make_node("Mul", [sm.activation, inv], [smoothed], name=unique_name(f"{smoothed}_Mul", taken))
         first = next(n.name for n in g.node if n.name in sm.sites)
@@ -133,9 +132,7 @@ def apply(model: Model, sites: list[QuantSite], smoothings: list[Smoothing]) -> 
             scaled = w * (sm.scale[None, :] if s.op_type == "Gemm" and s.weight_axis == 0 else sm.scale[:, None])
             node = next(n for n in g.node if n.name == name)
             if readers.get(s.weight, 0) > 1:  # shared weight: give this site its own copy
-                new = unique_name(f"{s.weight}_smoothed", taken)
-                g.initializer.append(numpy_helper.from_array(scaled.astype(np.float32), new))
-                node.input[1] = new
+                node.input[1] = add_initializer(g, f"{s.weight}_smoothed", scaled.astype(np.float32), taken)
             else:
                 inits[s.weight].CopyFrom(numpy_helper.from_array(scaled.astype(np.float32), s.weight))
             node.input[0] = smoothed
