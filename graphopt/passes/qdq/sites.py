@@ -6,7 +6,8 @@ A *site* is a Conv, MatMul or Gemm with a constant weight. Putting a site in int
 - its bias becomes int32 with scale input_scale x weight_scale (the weight scale is raised where that would
   overflow);
 - a Relu or Clip(0, max) right after it is absorbed into the output's quantization range (uint8 with zero-point 0
-  clamps below 0, and the range ends at the clip's max), which is what lets ORT fuse DQ->Conv->Q.
+  clamps below 0, and the range ends at the clip's max), which is what lets ORT fuse DQ->Conv->Q; not when the
+  activation's output is a graph output, which stays float (then nothing would clamp it).
 Ops between int8 sites follow: data-movement ops whose input is quantized keep the input's parameters (ORT drops
 their Q/DQ), and Add/Mul/Concat/pooling with every input quantized get their own output parameters (QLinearAdd,
 QLinearConcat, ...). uint8 activations avoid the signed-int8 fan-out trap: a quantized tensor with several
