@@ -5,28 +5,63 @@ what the original did.
     model = graphopt.load("model.onnx")
     optimized, report = graphopt.optimize(model, calibration="inputs.npz")
     optimized.save("model.opt.onnx")
+
+Importing the package is cheap: onnx, onnxruntime and numpy load on first use of a name below (module-level
+`__getattr__`), so that the console script can catch a Ctrl-C while they load (graphopt/_entry.py).
 """
 
 from __future__ import annotations
 
+import importlib
 import os
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from ._version import __version__
-from .core.calibration import InputSet, prepare_inputs
 from .core.errors import GraphoptError, InputError, UsageError, VerificationError
-from .export import ExportResult, export  # imports torch only when called; binds the function over the submodule
-from .core.model import Model, load
-from .core.numerics import Tolerance
-from .passes import DEFAULT_RECIPE, REGISTRY, Context, Pass, PassResult, create, parse_pass_spec
-from .passes import QDQ, FoldBatchNorm, FoldConstants, LowRank, Prune, RemoveDead, RemoveIdentity
-from .pipeline import Pipeline
-from .report import Report
-from .core.runtime import RuntimeSettings
+# export.py imports torch and the heavy stack only when called; importing it here binds the function over the
+# submodule of the same name, so that `graphopt.export(...)` is the function however the submodule was reached
+from .export import ExportResult, export
+
+if TYPE_CHECKING:  # what the lazy names below resolve to, for type checkers
+    from .core.model import Model
+    from .core.numerics import Tolerance
+    from .core.runtime import RuntimeSettings
+    from .passes import Pass
+    from .report import Report
+
+# public name -> module that defines it, imported on first access
+_LAZY = {
+    "InputSet": ".core.calibration", "prepare_inputs": ".core.calibration",
+    "Model": ".core.model", "load": ".core.model",
+    "Tolerance": ".core.numerics",
+    "RuntimeSettings": ".core.runtime",
+    "Pipeline": ".pipeline",
+    "Report": ".report",
+    **{name: ".passes" for name in ("DEFAULT_RECIPE", "REGISTRY", "Context", "Pass", "PassResult", "create",
+                                    "parse_pass_spec", "QDQ", "FoldBatchNorm", "FoldConstants", "LowRank", "Prune",
+                                    "RemoveDead", "RemoveIdentity")},
+}
+_SUBPACKAGES = {"core", "analysis", "passes", "pipeline", "report", "recipe", "cli"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value  # later lookups skip this function
+        return value
+    if name in _SUBPACKAGES:  # `import graphopt; graphopt.passes.REGISTRY` worked when the import was eager
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'graphopt' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
 
 
 def resolve_passes(passes: Sequence[Pass | str] | None) -> list[Pass]:
     """Pass objects, or names / `name:key=value` strings looked up in the registry; None means the default."""
+    from .passes import DEFAULT_RECIPE, Pass, create, parse_pass_spec
+
     specs = DEFAULT_RECIPE if passes is None else passes
     out = []
     for p in specs:
@@ -50,6 +85,12 @@ def optimize(model: Model | str | os.PathLike, passes: Sequence[Pass | str] | No
     inputs are used (and `input_shapes` must fill any unknown dims). Returns the optimized model and the report;
     check `report.passed` before shipping the model.
     """
+    from .core.calibration import prepare_inputs
+    from .core.model import Model, load
+    from .core.runtime import RuntimeSettings
+    from .passes import Context
+    from .pipeline import Pipeline
+
     if not isinstance(model, Model):
         model = load(model)
     inputs = prepare_inputs(model, calibration, input_shapes=input_shapes, seed=seed)

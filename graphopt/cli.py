@@ -6,23 +6,25 @@ Exit codes: 0 success, 1 verification failed, 2 bad usage or bad input. Errors a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from rich.console import Console
 
 from . import __version__
-from .core.calibration import latency_feed, parse_shapes, prepare_inputs
+from .core.calibration import ConversionNote, input_specs, latency_feed, parse_shapes, prepare_inputs
 from .analysis.allocate import BudgetInfeasible
 from .analysis.depgraph import DependencyGraph
 from .core.errors import GraphoptError, InputError, UsageError, VerificationError
 from .core.model import Model
 from .core.numerics import Tolerance, class_score_outputs, compare_outputs
 from .passes import DEFAULT_RECIPE, REGISTRY, Context, create, parse_pass_spec
-from .recipe import load_recipe
+from .recipe import load_recipe, passes_markdown, passes_taking, passes_text
 from .core.runtime import RuntimeSettings, make_session, measure_latency, run
 
 EXAMPLES = """\
@@ -35,6 +37,7 @@ examples:
   graphopt compare model.onnx model.opt.onnx --calib inputs.npz
   graphopt bench model.onnx --threads 1
   graphopt export models.mobilenet_v2:build --input image=1x3x224x224 --dynamic image=0 -o mnv2.onnx
+  graphopt passes                       # every pass's parameters, with their defaults
 
 exit codes: 0 success, 1 verification failed, 2 bad usage or bad input
 """
@@ -45,11 +48,14 @@ examples:
   graphopt export models.mobilenet_v2:build --input image=1x3x224x224 --dynamic image=0 -o mnv2.onnx
   graphopt export models.minilm:build --input input_ids=1x128:int64 --input attention_mask=1x128:int64 \\
       --dynamic input_ids=0 --dynamic input_ids=1 --dynamic attention_mask=0 --dynamic attention_mask=1 -o m.onnx
+  graphopt export tiny:build --input tokens=2x7:int64:0..50 -o tiny.onnx     # ids for a 50-row embedding
+  graphopt export tiny:build --example inputs.npz -o tiny.onnx               # real inputs, keyed by name
 
 torch and onnxruntime run on the example inputs and again with every dynamic axis doubled; each output must
 reach max abs error <= --atol or relative L2 error <= --rtol (integer outputs: exact). Generated inputs:
-floats standard normal, integers token ids in [0, 1000), names containing "mask" ones (ending in zeros in the
-second check). Nothing is written when a check fails, unless --force.
+floats standard normal, integers token ids in [0, 1000) unless --input gives LOW..HIGH (values in [LOW, HIGH)),
+names containing "mask" ones (ending in zeros in the second check). Arrays from --example are used as they are
+(repeated along dynamic axes in the second check). Nothing is written when a check fails, unless --force.
 
 exit codes: 0 success, 1 onnxruntime disagrees with torch, 2 bad usage or bad input
 """
@@ -103,19 +109,23 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f"a pass to run, repeatable, in order (default: {' '.join(DEFAULT_RECIPE)}); "
                           f"known: {', '.join(sorted(REGISTRY))}")
     opt.add_argument("--recipe", metavar="FILE.toml", help="passes and verification bounds from a TOML file")
+    # which passes take each budget comes from the registry, so the help follows the passes
     opt.add_argument("--target-speedup", type=float, metavar="X",
-                     help="latency budget for the passes that take one (qdq): X times faster than the input")
+                     help=f"latency budget for the passes that take one ({', '.join(passes_taking('target_speedup'))}"
+                          "): X times faster than the input")
     opt.add_argument("--max-size-mb", type=float, metavar="MB",
-                     help="size budget for the passes that take one (qdq): the output at most MB megabytes")
+                     help=f"size budget for the passes that take one ({', '.join(passes_taking('max_size_mb'))}): "
+                          "the output at most MB megabytes")
     inputs_args(opt)
     latency_args(opt)
     tolerance_args(opt)
     opt.add_argument("--allow-few-samples", action="store_true",
                      help="let a lossy run go on with a single input sample (fit, selection and verification "
                           "then all read it)")
-    opt.add_argument("--report", metavar="FILE.json", help="write the full report as JSON")
+    opt.add_argument("--report", metavar="FILE.json", help="write the full report as JSON (never over an input; "
+                                                            "an existing file only with --overwrite)")
     opt.add_argument("--force", action="store_true", help="write the output even if verification fails")
-    opt.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    opt.add_argument("--overwrite", action="store_true", help="replace an existing output or report file")
     opt.add_argument("--external-data", action="store_true", help="store weights in OUTPUT.data")
     opt.add_argument("--strict", action="store_true", help="fail instead of rolling back a pass that breaks")
     opt.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
@@ -138,14 +148,21 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--warmup", type=int, default=10)
     bench.add_argument("--repeats", type=int, default=100)
 
+    lst = sub.add_parser("passes", help="list every pass and its parameters, with their defaults")
+    lst.add_argument("--markdown", action="store_true", help="the README's table (Markdown)")
+
     exp = sub.add_parser("export", help="export a torch module to ONNX, checked against torch in onnxruntime",
                          epilog=EXPORT_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     exp.add_argument("target", metavar="MODULE:CALLABLE",
                      help="a callable taking no arguments that returns the torch.nn.Module (the current folder is "
                           "importable)")
-    exp.add_argument("--input", dest="inputs", action="append", required=True, metavar="NAME=SHAPE[:DTYPE]",
-                     help="an input, repeatable, in forward()'s order unless every name is a forward() "
-                          "parameter; DTYPE float32 (default), float16, float64, int64, int32, bool, ...")
+    exp.add_argument("--input", dest="inputs", action="append", default=[], metavar="NAME=SHAPE[:DTYPE[:LOW..HIGH]]",
+                     help="a generated input, repeatable, in forward()'s order unless every name is a forward() "
+                          "parameter; DTYPE float32 (default), float16, float64, int64, int32, bool, ...; LOW..HIGH "
+                          "draws values from [LOW, HIGH), e.g. tokens=2x7:int64:0..50 for a 50-row embedding")
+    exp.add_argument("--example", metavar="FILE.npz",
+                     help="example inputs from an .npz keyed by input name (before any --input, in the file's "
+                          "order)")
     exp.add_argument("--dynamic", action="append", default=[], metavar="NAME=AXIS",
                      help="an axis of an input that may change size, repeatable (symbolic dim NAME_dimAXIS)")
     exp.add_argument("-o", dest="export_path", required=True, metavar="FILE.onnx", help="the ONNX file to write")
@@ -167,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return {"optimize": cmd_optimize, "inspect": cmd_inspect, "compare": cmd_compare,
-                "bench": cmd_bench, "export": cmd_export}[args.command](args)
+                "bench": cmd_bench, "export": cmd_export, "passes": cmd_passes}[args.command](args)
     except VerificationError as exc:
         _error_line(f"graphopt: verification failed: {exc}")
         return 1
@@ -243,8 +260,13 @@ def _inputs(args, model: Model):
 def _output_path(args) -> Path:
     src = Path(args.model)
     out = Path(args.output) if args.output else src.with_name(src.stem + ".opt.onnx")
+    if out.is_dir():  # --overwrite cannot make a folder a file: say so before any work
+        raise InputError(f"{out}: is a folder; -o names the output .onnx file")
     if out.resolve() == src.resolve() and not args.overwrite:
         raise InputError(f"{out}: is the input model; choose another -o or pass --overwrite")
+    for flag, other in (("--calib", args.calib), ("--recipe", args.recipe)):
+        if other and out.resolve() == Path(other).resolve():
+            raise InputError(f"{out}: is the {flag} file; choose another -o")
     if out.exists() and not args.overwrite:
         raise InputError(f"{out}: already exists; pass --overwrite to replace it")
     if not out.parent.is_dir():
@@ -252,13 +274,73 @@ def _output_path(args) -> Path:
     return out
 
 
+def _report_path(args, out: Path) -> Path | None:
+    """--report, checked before any work: the report must never replace an input or the output model (it is
+    written first, so the model would silently be lost), nor an existing file without --overwrite."""
+    if not args.report:
+        return None
+    report = Path(args.report)
+    if report.is_dir():
+        raise InputError(f"{report}: is a folder; --report names the JSON file to write")
+    for what, other in (("the input model", args.model), ("the --calib file", args.calib),
+                        ("the --recipe file", args.recipe), ("the output model (-o)", out)):
+        if other and report.resolve() == Path(other).resolve():
+            raise InputError(f"{report}: is {what}; --report needs a file of its own")
+    if report.exists() and not args.overwrite:
+        raise InputError(f"{report}: already exists; pass --overwrite to replace it")
+    if not report.resolve().parent.is_dir():
+        raise InputError(f"{args.report}: the report's folder does not exist")
+    return report
+
+
+def _default_batch(args, model: Model) -> str | None:
+    """Without --calib, a dynamic batch dim (axis 0) that --input-shape does not give becomes 1, so that
+    `graphopt bench model.onnx` works on a model exported with a dynamic batch; other unknown dims still need
+    --input-shape. Adds the shapes to args.input_shape and returns the note that says so (None if nothing)."""
+    if args.calib is not None:
+        return None
+    given = parse_shapes(args.input_shape)
+    chosen = []
+    for spec in input_specs(model):
+        dims = spec.shape
+        if spec.name in given or not dims or _known(dims[0]) or not all(_known(d) for d in dims[1:]):
+            continue
+        shape = "x".join(map(str, (1, *dims[1:])))
+        args.input_shape.append(f"{spec.name}={shape}")
+        chosen.append(f"{spec.name}={shape}")
+    if not chosen:
+        return None
+    return (f"synthetic inputs at batch 1 on the dynamic batch axis ({', '.join(chosen)}); --input-shape or "
+            "--calib sets another")
+
+
+def _known(dim) -> bool:
+    return isinstance(dim, int) and dim > 0
+
+
+@contextlib.contextmanager
+def _conversion_notes(note):
+    """Pass calibration's ConversionNote warnings (one per converted input) to `note` as one line each."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConversionNote)
+        yield
+    for w in caught:
+        if issubclass(w.category, ConversionNote):
+            note(f"note: {w.message}")
+        else:  # not ours: show it as Python would have
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+
+
+def _stderr_note(message: str) -> None:
+    _error_line(f"graphopt: {message}")
+
+
 def cmd_optimize(args) -> int:
     from .pipeline import Pipeline
 
     say = _progress(args.quiet)
     out_path = _output_path(args)
-    if args.report and not Path(args.report).resolve().parent.is_dir():
-        raise InputError(f"{args.report}: the report's folder does not exist")
+    _report_path(args, out_path)
     recipe_tolerance: dict = {}
     if args.recipe and args.passes:
         raise UsageError("give passes with --pass or with --recipe, not both")
@@ -274,9 +356,11 @@ def cmd_optimize(args) -> int:
     runtime = _runtime(args)
     say(f"loading {args.model}")
     model = Model.load(args.model)
-    inputs = _inputs(args, model)
+    batch_note = _default_batch(args, model)
+    with _conversion_notes(say):
+        inputs = _inputs(args, model)
     if inputs.synthetic:
-        say("no --calib given: verifying on synthetic random inputs")
+        say("no --calib given: verifying on synthetic random inputs" + (f"; {batch_note}" if batch_note else ""))
     ctx = Context(inputs=inputs, runtime=runtime, seed=args.seed, progress=say, **_latency(args),
                   output_kinds=_output_kinds(args))
     optimized, report = Pipeline(passes, tolerance, not args.no_latency, args.strict,
@@ -384,7 +468,11 @@ def cmd_compare(args) -> int:
     if sorted(a.input_names()) != sorted(b.input_names()):
         raise InputError(f"the models take different inputs: {a.input_names()} vs {b.input_names()}")
     runtime = _runtime(args)
-    inputs = _inputs(args, a)
+    batch_note = _default_batch(args, a)
+    with _conversion_notes(_stderr_note):
+        inputs = _inputs(args, a)
+    if batch_note:
+        _stderr_note(f"note: {batch_note}")
     feeds = inputs.fit + inputs.selection + inputs.verification  # nothing was fitted: compare on every sample
     scores = class_score_outputs(a, _output_kinds(args))
     try:
@@ -412,7 +500,11 @@ def cmd_bench(args) -> int:
         raise UsageError("--repeats must be at least 1 and --warmup at least 0")
     model = Model.load(args.model)
     runtime = _runtime(args)
-    inputs = _inputs(args, model)
+    batch_note = _default_batch(args, model)
+    with _conversion_notes(_stderr_note):
+        inputs = _inputs(args, model)
+    if batch_note:
+        _stderr_note(f"note: {batch_note}")
     session = make_session(model, runtime)
     lat_args = _latency(args)
     feed = latency_feed(model, inputs.fit or inputs.verification, batch=lat_args["latency_batch"],
@@ -421,25 +513,49 @@ def cmd_bench(args) -> int:
                           max_seconds=60.0, threads=runtime.intra_op_threads)
     shapes = ", ".join(f"{k}={'x'.join(map(str, v.shape))}" for k, v in feed.items())
     print(f"{args.model}: median {lat.median_ms:.3f} ms, p90 {lat.p90_ms:.3f} ms, mean {lat.mean_ms:.3f} ms "
-          f"over {lat.runs} runs ({lat.threads} threads, inputs {shapes})")
+          f"over {lat.runs} runs ({lat.threads} thread{'' if lat.threads == 1 else 's'}, inputs {shapes}"
+          + (", synthetic" if inputs.synthetic else "") + ")")
+    return 0
+
+
+def cmd_passes(args) -> int:
+    print(passes_markdown() if args.markdown else passes_text())
     return 0
 
 
 def cmd_export(args) -> int:
-    from .export import export, load_module, parse_dynamic_spec, parse_input_spec
+    from .core.calibration import _read_npz  # the same plain-words errors as --calib
+    from .export import export, load_module, parse_dynamic_spec, parse_input_option
 
     # everything that needs no torch and no user code is checked first: mistakes fail in a fraction of a second
-    specs = [parse_input_spec(s) for s in args.inputs]
-    names = [name for name, _, _ in specs]
-    duplicate = next((n for n in names if names.count(n) > 1), None)
-    if duplicate:
-        raise UsageError(f"--input {duplicate} is given twice")
+    if not args.inputs and not args.example:
+        raise UsageError("give the module's inputs with --input NAME=SHAPE[:DTYPE] or --example FILE.npz")
+    inputs: dict = {}  # name -> numpy array (from --example) or (shape, dtype[, (low, high)])
+    from_file: set[str] = set()
+    if args.example:
+        example = Path(args.example)
+        if not example.is_file():
+            raise InputError(f"{example}: no such file")
+        if example.suffix != ".npz":
+            raise InputError(f"{example}: --example takes an .npz of arrays keyed by input name")
+        inputs.update(_read_npz(example))
+        if not inputs:
+            raise InputError(f"{example}: holds no arrays")
+        from_file = set(inputs)
+    for item in args.inputs:
+        name, shape, dtype, value_range = parse_input_option(item)
+        if name in inputs:
+            raise UsageError(f"--input {name} is given twice" if name not in from_file
+                             else f"--input {name}: {args.example} already gives it")
+        inputs[name] = (shape, dtype) if value_range is None else (shape, dtype, value_range)
+    names = list(inputs)
+    ranks = {n: (v.ndim if hasattr(v, "ndim") else len(v[0])) for n, v in inputs.items()}
     dynamic: dict[str, list[int]] = {}
     for item in args.dynamic:
         name, axis = parse_dynamic_spec(item)
         if name not in names:
-            raise UsageError(f"--dynamic {item}: no --input is named {name!r} (inputs: {', '.join(names)})")
-        rank = len(next(shape for n, shape, _ in specs if n == name))
+            raise UsageError(f"--dynamic {item}: no input is named {name!r} (inputs: {', '.join(names)})")
+        rank = ranks[name]
         if not -rank <= axis < rank:
             raise UsageError(f"--dynamic {item}: axis out of range, input {name!r} has {rank} dims "
                              f"(axes 0..{rank - 1})")
@@ -449,6 +565,8 @@ def cmd_export(args) -> int:
     if not (args.atol >= 0 and args.rtol >= 0):
         raise UsageError("--atol and --rtol must be non-negative numbers")
     out_path = Path(args.export_path)
+    if out_path.is_dir():
+        raise InputError(f"{out_path}: is a folder; -o names the .onnx file to write")
     if out_path.exists() and not args.overwrite:
         raise InputError(f"{out_path}: already exists; pass --overwrite to replace it")
     if not out_path.resolve().parent.is_dir():
@@ -458,7 +576,7 @@ def cmd_export(args) -> int:
     module = load_module(args.target, progress=say)
     console = Console(highlight=False)
     try:
-        result = export(module, {n: (shape, dtype) for n, shape, dtype in specs}, out_path, dynamic=dynamic,
+        result = export(module, inputs, out_path, dynamic=dynamic,
                         opset=args.opset, output_names=args.output_names or None, atol=args.atol, rtol=args.rtol,
                         overwrite=args.overwrite, force=args.force, seed=args.seed, progress=say)
     except VerificationError as exc:

@@ -23,14 +23,18 @@ check passed, unless `force=True`.
 Generated inputs (a `(shape, dtype)` pair instead of a tensor), seeded: floats standard normal; integers random
 token ids in [0, 1000) (fewer for int8/uint8); inputs whose name contains "mask" all ones in the first set and
 ones ending in zeros (a different number of zeros per row) in the second; names containing "token_type" zeros.
+A `(shape, dtype, (low, high))` triple draws values uniformly from [low, high) instead (integers: the ids an
+embedding of `high` rows accepts; CLI `--input tokens=2x7:int64:0..50`). A torch.Tensor or numpy array is used as
+it is (CLI `--example FILE.npz`), repeated along its dynamic axes for the second check.
 
 Inputs are passed by keyword when every name is a parameter of the module's `forward` (so `input_ids` and
 `attention_mask` reach the right parameters whatever order they are given in, and the ONNX inputs follow
 `forward`'s order); otherwise positionally, in the order given. Dynamic axes get symbolic names
 `{input}_dim{axis}`.
 
-torch is imported inside the functions only: `import graphopt` works without it, and graphopt/__init__ imports
-this module eagerly (so that `graphopt.export` is the function, not this module).
+torch (and numpy, onnx, onnxruntime) are imported inside the functions only: `import graphopt` works without
+torch and stays cheap, and graphopt/__init__ imports this module eagerly (so that `graphopt.export` is the
+function, not this module).
 """
 
 from __future__ import annotations
@@ -47,12 +51,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-import numpy as np
+from typing import TYPE_CHECKING
 
 from .core.errors import InputError, UsageError, VerificationError
-from .core.model import MIN_OPSET, Model
-from .core.numerics import compare_outputs
-from .core.runtime import RuntimeSettings, make_session, run
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from .core.model import Model
+
+# numpy, onnx and onnxruntime are imported inside the functions, like torch: graphopt/__init__ imports this module,
+# and `import graphopt` must stay cheap (the console script catches a Ctrl-C only once it runs, graphopt/_entry.py)
 
 DEFAULT_OPSET = 17
 DEFAULT_ATOL = 1e-4
@@ -90,20 +99,58 @@ class _Input:
     shape: tuple[int, ...]
     dtype: str  # canonical torch dtype name
     tensor: Any = None  # a user-given torch.Tensor, or None for generated values
+    value_range: tuple | None = None  # generated values drawn from [low, high) instead of the defaults
 
 
 # ------------------------------------------------------------------------------------------- parsing
-def parse_input_spec(text: str) -> tuple[str, tuple[int, ...], str]:
-    """`image=1x3x224x224` or `input_ids=1x128:int64` -> (name, shape, dtype name)."""
-    m = re.fullmatch(r"\s*([^=\s]+)\s*=\s*(\d+(?:x\d+)*)\s*(?::\s*([A-Za-z0-9_]+)\s*)?", text)
+_NUMBER = r"-?\d+(?:\.\d*)?(?:[eE][-+]?\d+)?"
+
+
+def parse_input_option(text: str) -> tuple[str, tuple[int, ...], str, tuple | None]:
+    """`image=1x3x224x224`, `input_ids=1x128:int64` or `tokens=2x7:int64:0..50` -> (name, shape, dtype name,
+    (low, high) or None); the range is half-open, [low, high)."""
+    m = re.fullmatch(r"\s*([^=\s]+)\s*=\s*(\d+(?:x\d+)*)\s*(?::\s*([A-Za-z][A-Za-z0-9_]*)\s*)?"
+                     rf"(?::\s*({_NUMBER})\s*\.\.\s*({_NUMBER})\s*)?", text)
     if not m:
-        raise UsageError(f"--input {text!r}: expected NAME=SHAPE[:DTYPE] such as image=1x3x224x224 "
-                         "or input_ids=1x128:int64")
+        raise UsageError(f"--input {text!r}: expected NAME=SHAPE[:DTYPE[:LOW..HIGH]] such as image=1x3x224x224, "
+                         "input_ids=1x128:int64 or input_ids=1x128:int64:0..30522")
     name, dims, dtype = m.group(1), m.group(2), (m.group(3) or "float32")
     shape = tuple(int(d) for d in dims.split("x"))
     if any(d < 1 for d in shape):
         raise UsageError(f"--input {text!r}: every dim must be at least 1")
-    return name, shape, _dtype_name(dtype, f"--input {text!r}")
+    dtype = _dtype_name(dtype, f"--input {text!r}")
+    value_range = None
+    if m.group(4) is not None:
+        value_range = _check_range(name, dtype, (float(m.group(4)), float(m.group(5))), f"--input {text!r}")
+    return name, shape, dtype, value_range
+
+
+def parse_input_spec(text: str) -> tuple[str, tuple[int, ...], str]:
+    """`image=1x3x224x224` or `input_ids=1x128:int64` -> (name, shape, dtype name); see parse_input_option for
+    the form with a value range."""
+    return parse_input_option(text)[:3]
+
+
+def _check_range(name: str, dtype: str, value_range, where: str) -> tuple:
+    """(low, high) checked against the dtype: ints for integer inputs, low < high; bool takes none."""
+    try:
+        low, high = value_range
+    except (TypeError, ValueError):
+        raise UsageError(f"{where}: the value range must be a (low, high) pair, got {value_range!r}") from None
+    if dtype == "bool":
+        raise UsageError(f"{where}: a bool input takes no value range")
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (low, high)) or not low < high:
+        raise UsageError(f"{where}: the value range needs numbers LOW < HIGH (values are drawn from [LOW, HIGH))")
+    if dtype.startswith(("int", "uint")):
+        import numpy as np
+
+        if not (float(low).is_integer() and float(high).is_integer()):
+            raise UsageError(f"{where}: an integer input needs a whole-number range, got {low}..{high}")
+        info = np.iinfo(dtype)
+        if low < info.min or high - 1 > info.max:
+            raise UsageError(f"{where}: {int(low)}..{int(high)} does not fit {dtype} ({info.min}..{info.max + 1})")
+        return int(low), int(high)
+    return float(low), float(high)
 
 
 def parse_dynamic_spec(text: str) -> tuple[str, int]:
@@ -241,29 +288,40 @@ def _describe(value) -> str:
 
 # ------------------------------------------------------------------------------------------- inputs
 def _resolve_inputs(torch, inputs: Mapping[str, Any]) -> list[_Input]:
+    import numpy as np
+
     if not isinstance(inputs, Mapping) or not inputs:
         raise UsageError("inputs must be a non-empty mapping of input name -> torch.Tensor or (shape, dtype)")
     out = []
     for name, value in inputs.items():
         if not isinstance(name, str) or not name:
             raise UsageError(f"input name {name!r} is not a non-empty string")
+        if isinstance(value, np.ndarray):  # an array, e.g. from --example
+            value = torch.from_numpy(value.copy())
         if isinstance(value, torch.Tensor):
             out.append(_Input(name, tuple(value.shape), _dtype_name(value.dtype, f"input {name!r}"), value))
             continue
-        if not (isinstance(value, (tuple, list)) and len(value) == 2):
-            raise UsageError(f"input {name!r}: expected a torch.Tensor or a (shape, dtype) pair, got "
-                             f"{_describe(value)}")
-        shape, dtype = value
+        if not (isinstance(value, (tuple, list)) and len(value) in (2, 3)):
+            raise UsageError(f"input {name!r}: expected a torch.Tensor, a numpy array, a (shape, dtype) pair or a "
+                             f"(shape, dtype, (low, high)) triple, got {_describe(value)}")
+        shape, dtype = value[:2]
         if isinstance(shape, int) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 1
                                              for d in shape):
             raise UsageError(f"input {name!r}: shape {shape!r} must be a tuple of positive ints")
-        out.append(_Input(name, tuple(shape), _dtype_name(dtype, f"input {name!r}")))
+        dtype = _dtype_name(dtype, f"input {name!r}")
+        value_range = _check_range(name, dtype, value[2], f"input {name!r}") if len(value) == 3 else None
+        out.append(_Input(name, tuple(shape), dtype, value_range=value_range))
     return out
 
 
 def _generate(torch, spec: _Input, shape: tuple[int, ...], generator, second: bool):
     dtype = getattr(torch, spec.dtype)
     lowered = spec.name.lower()
+    if spec.value_range is not None:  # the user's range beats every guess from the name
+        low, high = spec.value_range
+        if dtype.is_floating_point:
+            return (torch.rand(shape, generator=generator) * (high - low) + low).to(dtype)
+        return torch.randint(low, high, shape, generator=generator, dtype=dtype)
     if "mask" in lowered:
         mask = torch.ones(shape, dtype=dtype)
         if second and len(shape) >= 1 and shape[-1] >= 2:
@@ -374,6 +432,9 @@ def export(module, inputs: Mapping[str, Any], path: str | os.PathLike | None = N
     ExportResult as `.result`) when onnxruntime disagrees with torch beyond `atol`/`rtol`, in which case nothing
     is written unless `force=True`; then the result comes back with `passed=False`.
     """
+    from .core.model import MIN_OPSET
+    from .core.runtime import RuntimeSettings, make_session
+
     say = progress or (lambda message: None)
     torch = import_torch()
     if not isinstance(module, torch.nn.Module):
@@ -405,7 +466,7 @@ def export(module, inputs: Mapping[str, Any], path: str | os.PathLike | None = N
         raise
     except Exception as exc:
         raise InputError(f"torch could not run the module on the example inputs ({_shapes(first)}): "
-                         f"{_first_line(exc)}") from None
+                         f"{_first_line(exc)}{_index_hint(exc, specs)}") from None
     if not reference:
         raise UsageError("forward() returned no tensors; there is nothing to export")
     names = _output_names(output_names, len(reference), order)
@@ -435,10 +496,10 @@ def export(module, inputs: Mapping[str, Any], path: str | os.PathLike | None = N
                 with torch.no_grad():
                     ref = _flatten(torch, _call(module, feed, by_keyword, order))
             except Exception as exc:
+                hint = _index_hint(exc, specs) or ("; is every axis given with --dynamic really free, and is it "
+                                                   "given for every input that shares it?")
                 raise InputError(f"torch itself cannot run the module on the second check's inputs "
-                                 f"({_shapes(feed)}, every dynamic axis doubled): {_first_line(exc)}; is every "
-                                 "axis given with --dynamic really free, and is it given for every input that "
-                                 "shares it?") from None
+                                 f"({_shapes(feed)}, every dynamic axis doubled): {_first_line(exc)}{hint}") from None
         checks.append(_check(torch, label, feed, ref, names, session, atol, rtol, integer_outputs))
 
     passed = all(c["passed"] for c in checks)
@@ -452,6 +513,22 @@ def export(module, inputs: Mapping[str, Any], path: str | os.PathLike | None = N
         model.save(out_path, overwrite=overwrite)
         result.path = out_path
     return result
+
+
+def _index_hint(exc: BaseException, specs: list[_Input]) -> str:
+    """When torch fails on an index (an embedding lookup past the table's end), name the generated integer inputs
+    whose values were a guess, and how to give their range or real values."""
+    if not (isinstance(exc, IndexError) or "index out of range" in str(exc)):
+        return ""
+    guessed = [s for s in specs if s.tensor is None and s.value_range is None and s.dtype.startswith(("int", "uint"))
+               and not any(k in s.name.lower() for k in ("mask", "token_type", "segment"))]
+    if not guessed:
+        return ""
+    forms = " ".join(f"--input {s.name}={_fmt_shape(s.shape)}:{s.dtype}:0..N" for s in guessed)
+    return (f"; the generated integer input{'s' if len(guessed) > 1 else ''} "
+            f"{', '.join(repr(s.name) for s in guessed)} held token ids in [0, {TOKEN_ID_HIGH}): give the valid "
+            f"range with {forms} (N: the rows of the table it indexes), or real values with --example FILE.npz "
+            "(from Python: a (shape, dtype, (0, N)) triple or a tensor)")
 
 
 def _check_output_path(path: Path, overwrite: bool) -> None:
@@ -477,6 +554,8 @@ def _output_names(given: Sequence[str] | None, count: int, input_names: list[str
 
 
 def _torch_export(torch, module, feed, by_keyword, order, names, dynamic_axes, opset) -> tuple[Model, list[str]]:
+    from .core.model import Model
+
     args, kwargs = ((), {n: feed[n] for n in order}) if by_keyword else (tuple(feed[n] for n in order), None)
     with tempfile.TemporaryDirectory(prefix="graphopt-export-") as tmp:
         onnx_path = Path(tmp) / "model.onnx"
@@ -531,6 +610,9 @@ def _restore_fd(stream, fd: int, saved: int) -> None:
 
 
 def _check(torch, label, feed, reference, names, session, atol, rtol, integer_outputs) -> dict:
+    from .core.numerics import compare_outputs
+    from .core.runtime import run
+
     check = {"check": label, "inputs": {k: list(v.shape) for k, v in feed.items()}, "passed": False,
              "error": None, "outputs": []}
     if len(reference) != len(names):
@@ -578,5 +660,6 @@ def _failure_message(checks: list[dict], atol: float, rtol: float, export_warnin
     return text
 
 
-__all__ = ["ExportResult", "export", "load_module", "parse_input_spec", "parse_dynamic_spec", "import_torch",
+__all__ = ["ExportResult", "export", "load_module", "parse_input_spec", "parse_input_option", "parse_dynamic_spec",
+           "import_torch",
            "DEFAULT_OPSET", "DEFAULT_ATOL", "DEFAULT_RTOL"]

@@ -9,8 +9,10 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -315,8 +317,61 @@ def _case_old_opset(d):
 
 
 def _case_unknown_dims(d):
-    save(conv_bn_model(batch="N"), d / "m.onnx")
+    # a dynamic batch alone defaults to 1 (test_bundled_model_without_calib); an unknown non-batch dim does not
+    m = _model([helper.make_node("Relu", ["x"], ["y"])], [helper.make_tensor_value_info("x", F, ["N", "T"])],
+               [helper.make_tensor_value_info("y", F, ["N", "T"])])
+    save(m, d / "m.onnx")
     return ["optimize", d / "m.onnx"]
+
+
+def _case_report_is_input(d):
+    save(conv_bn_model(), d / "m.onnx")
+    return ["optimize", d / "m.onnx", "--report", d / "m.onnx", "--overwrite"]  # --overwrite does not make it ok
+
+
+def _case_report_is_output(d):
+    save(conv_bn_model(), d / "m.onnx")
+    return ["optimize", d / "m.onnx", "--report", d / "sub" / ".." / "out.onnx"]  # the harness's -o, respelled
+
+
+def _case_report_exists(d):
+    (d / "m.onnx").write_bytes(b"not a model: the report is refused before the model is even read")
+    (d / "r.json").write_text('{"precious": true}')
+    return ["optimize", d / "m.onnx", "--report", d / "r.json"]
+
+
+def _case_calib_not_an_array_file(d):
+    save(conv_bn_model(), d / "m.onnx")
+    (d / "c.npz").write_text("x,y\n1,2\n")  # a CSV under the wrong name
+    return ["optimize", d / "m.onnx", "--calib", d / "c.npz"]
+
+
+def _case_calib_object_array(d):
+    save(conv_bn_model(), d / "m.onnx")
+    np.savez(d / "c.npz", x=np.array([{"a": 1}, None], dtype=object))
+    return ["optimize", d / "m.onnx", "--calib", d / "c.npz"]
+
+
+def _case_calib_nan(d):
+    save(conv_bn_model(), d / "m.onnx")
+    xs = np.random.default_rng(0).standard_normal((6, 2, 3, 8, 8)).astype(np.float32)
+    xs[3, 1, 0, 2, 2] = np.nan
+    np.savez(d / "c.npz", x=xs)
+    return ["optimize", d / "m.onnx", "--calib", d / "c.npz"]
+
+
+def token_model() -> onnx.ModelProto:
+    """ids[N,4] int64 -> Cast -> Add x[N,4] float -> y."""
+    nodes = [helper.make_node("Cast", ["ids"], ["idf"], to=F), helper.make_node("Add", ["x", "idf"], ["y"])]
+    return _model(nodes, [helper.make_tensor_value_info("x", F, ["N", 4]),
+                          helper.make_tensor_value_info("ids", TensorProto.INT64, ["N", 4])],
+                  [helper.make_tensor_value_info("y", F, ["N", 4])])
+
+
+def _case_calib_fractions_for_int64(d):
+    save(token_model(), d / "m.onnx")
+    np.savez(d / "c.npz", x=np.zeros((6, 4), np.float32), ids=np.full((6, 4), 2.5, np.float32))
+    return ["optimize", d / "m.onnx", "--calib", d / "c.npz"]
 
 
 def _case_recipe_unknown_pass(d):
@@ -362,6 +417,13 @@ BAD_INPUTS = {
     "external-data-outside-folder": (_case_external_outside, "outside"),
     "opset-below-7": (_case_old_opset, "opset 6"),
     "unknown-dims": (_case_unknown_dims, "--input-shape"),
+    "report-is-input": (_case_report_is_input, "is the input model"),
+    "report-is-output": (_case_report_is_output, "is the output model"),
+    "report-exists-no-overwrite": (_case_report_exists, "r.json: already exists"),
+    "calib-not-an-array-file": (_case_calib_not_an_array_file, "is not an .npz file"),
+    "calib-object-array": (_case_calib_object_array, "object array"),
+    "calib-nan": (_case_calib_nan, "sample 3 (counting from 0): input 'x' holds 1 NaN/Inf"),
+    "calib-fractions-for-int64": (_case_calib_fractions_for_int64, "would change values"),
     "recipe-unknown-pass": (_case_recipe_unknown_pass, "no_such_pass"),
     "recipe-unknown-param": (_case_recipe_unknown_param, "bogus"),
     "cli-unknown-pass": (_case_unknown_pass, "nosuchpass"),
@@ -383,6 +445,7 @@ def test_bad_input_exit_2_one_line_nothing_written(tmp_path, case):
 
     assert_one_error_line(proc, 2)
     assert needle.lower() in proc.stderr.lower(), proc.stderr
+    assert "allow_pickle" not in proc.stderr  # numpy's advice is never the fix
     assert not out.exists()
     assert listing(tmp_path) == before, "files were created (output, temp files or default output)"
     assert {p: sha256(tmp_path / p) for p in digests} == digests, "an input file was modified"
@@ -418,6 +481,39 @@ def test_existing_output_needs_overwrite(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "BatchNormalization" not in op_types(onnx.load(str(out)))
     assert listing(tmp_path) == before  # replaced in place, no temp leftovers
+
+
+def test_output_that_is_a_folder_is_bad_input_even_with_overwrite(tmp_path):
+    src = save(conv_bn_model(), tmp_path / "m.onnx")
+    (tmp_path / "outdir").mkdir()
+    before = listing(tmp_path)
+    for extra in ([], ["--overwrite"]):
+        proc = graphopt("optimize", src, "-o", tmp_path / "outdir", "-q", "--no-latency", *extra)
+        assert_one_error_line(proc, 2)
+        assert "is a folder" in proc.stderr
+        assert listing(tmp_path) == before
+
+
+def test_existing_report_is_replaced_with_overwrite(tmp_path):
+    src = save(conv_bn_model(), tmp_path / "m.onnx")
+    (tmp_path / "r.json").write_text("old")
+    proc = graphopt("optimize", src, "-o", tmp_path / "o.onnx", "--report", tmp_path / "r.json", "--overwrite", "-q",
+                    "--no-latency")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path / "r.json").read_text())["verification"]["passed"] is True
+
+
+def test_calibration_dtypes_converted_with_one_note_per_input(tmp_path):
+    src = save(token_model(), tmp_path / "m.onnx")
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "c.npz", x=rng.standard_normal((12, 4)),  # float64 for a float32 input
+             ids=rng.integers(0, 50, (12, 4)).astype(np.int32))  # int32 for an int64 input
+    proc = graphopt("optimize", src, "--calib", tmp_path / "c.npz", "-o", tmp_path / "o.onnx", "--no-latency")
+    assert proc.returncode == 0, proc.stderr
+    err = " ".join(proc.stderr.split())  # rich may wrap progress lines
+    assert err.count("note: calibration input 'x': float64 data converted to float32") == 1, proc.stderr
+    assert err.count("note: calibration input 'ids': int32 data converted to int64") == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 def test_report_in_missing_folder_is_bad_input(tmp_path):
@@ -566,10 +662,35 @@ def test_bench_prints_median(tmp_path):
     proc = graphopt("bench", src, "--repeats", "5", "--warmup", "1", "--threads", "1")
     assert proc.returncode == 0, proc.stderr
     assert "median" in proc.stdout and "ms" in proc.stdout
-    assert "x=2x3x8x8" in proc.stdout and "1 threads" in proc.stdout
+    assert "x=2x3x8x8" in proc.stdout and "(1 thread," in proc.stdout and "1 threads" not in proc.stdout
+
+
+BUNDLED = Path(__file__).resolve().parent.parent / "examples" / "fashion_cnn.onnx"  # dynamic batch
+
+
+@pytest.mark.skipif(not BUNDLED.is_file(), reason="examples/fashion_cnn.onnx is not in this checkout")
+def test_bundled_model_without_calib(tmp_path):
+    """The README's `graphopt bench model.onnx --threads 1` as written, on the bundled model (dynamic batch, no
+    --calib): a dynamic batch defaults to 1, and the output says so. compare and optimize alike."""
+    proc = graphopt("bench", BUNDLED, "--threads", "1", "--repeats", "5", "--warmup", "1")
+    assert proc.returncode == 0, proc.stderr
+    assert "image=1x1x28x28" in proc.stdout and "(1 thread," in proc.stdout
+    assert "batch 1 on the dynamic batch axis" in " ".join(proc.stderr.split())
+
+    proc = graphopt("compare", BUNDLED, BUNDLED)
+    assert proc.returncode == 0, proc.stderr
+    assert "within tolerance" in proc.stdout and "batch 1" in proc.stderr
+
+    out = tmp_path / "o.onnx"
+    proc = graphopt("optimize", BUNDLED, "-o", out, "--no-latency")
+    assert proc.returncode == 0, proc.stderr
+    assert "batch 1 on the dynamic batch axis" in " ".join(proc.stderr.split())
+    assert out.is_file() and "BatchNormalization" not in op_types(onnx.load(str(out)))
 
 
 def test_help():
+    from graphopt.recipe import passes_taking
+
     proc = graphopt("--help")
     assert proc.returncode == 0
     assert "examples:" in proc.stdout and "graphopt optimize model.onnx" in proc.stdout
@@ -578,6 +699,86 @@ def test_help():
     assert proc.returncode == 0
     for flag in ("--calib", "--pass", "--recipe", "--overwrite", "--force", "--input-shape"):
         assert flag in proc.stdout
+    text = " ".join(proc.stdout.split())
+    assert {"qdq", "prune", "lowrank"} <= set(passes_taking("target_speedup"))  # the budgets' passes, registry-made
+    assert f"({', '.join(passes_taking('target_speedup'))}): X times faster" in text
+    assert f"({', '.join(passes_taking('max_size_mb'))}): the output at most" in text
+
+
+def test_every_pass_parameter_is_documented():
+    """The README's parameter reference is the text generated from the registry (regenerate it with
+    `graphopt passes --markdown`), so every parameter and default of every registered pass is in it."""
+    import dataclasses
+
+    from graphopt.passes import REGISTRY
+    from graphopt.recipe import passes_markdown
+
+    from graphopt.recipe import README_BEGIN, README_END
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    assert README_BEGIN in readme and README_END in readme
+    documented = readme.split(README_BEGIN)[1].split(README_END)[0].splitlines()
+    generated = passes_markdown().splitlines()
+    stale = "README's pass parameters are stale: paste what `graphopt passes --markdown` prints"
+    for name, cls in REGISTRY.items():
+        fields = dataclasses.fields(cls)
+        if not fields:
+            assert any(f"`{name}`" in line and "no parameters" in line for line in documented), (name, stale)
+            continue
+        header = next(line for line in generated if line.startswith(f"`{name}`:"))
+        assert header in documented, (name, stale)
+        start = documented.index(header)
+        rows = [line for line in documented[start + 2:] if line.startswith("|")][2:len(fields) + 2]
+        # name, type and default of every parameter, in its own pass's table (the meaning may be reworded)
+        want = [line.rsplit(" | ", 1)[0] for line in generated[generated.index(header) + 4:][:len(fields)]]
+        assert [line.rsplit(" | ", 1)[0] for line in rows] == want, (name, stale)
+        assert all(f"| `{f.name}` |" in line for f, line in zip(fields, rows))
+    proc = graphopt("passes")
+    assert proc.returncode == 0, proc.stderr
+    assert "latency_slack" in proc.stdout and "default 0.1" in proc.stdout and "refit_rows" in proc.stdout
+
+
+def test_import_graphopt_is_light_and_export_is_the_function():
+    """The console script can catch a Ctrl-C only once its own code runs: `import graphopt` must not pull onnx,
+    onnxruntime, numpy or rich (they load on first use), and `graphopt.export` stays the function."""
+    code = ("import sys, graphopt, graphopt._entry\n"
+            "heavy = [m for m in ('onnx', 'onnxruntime', 'numpy', 'rich', 'torch') if m in sys.modules]\n"
+            "assert not heavy, heavy\n"
+            "import graphopt.export\n"
+            "assert callable(graphopt.export) and graphopt.export.__name__ == 'export', graphopt.export\n"
+            "assert graphopt.Model.__name__ == 'Model' and graphopt.passes.REGISTRY\n"
+            "from graphopt import Tolerance, QDQ\n"
+            "print('ok')\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
+
+
+def _console_script() -> list[str]:
+    """The installed script itself, not a shell shim in front of it (pyenv's adds ~0.1 s of bash)."""
+    beside = Path(sys.executable).with_name("graphopt")
+    return [str(beside)] if beside.is_file() else _BASE_CMD
+
+
+@pytest.mark.skipif(os.name != "posix", reason="SIGINT to a child process")
+def test_ctrl_c_during_start_up_exits_130_without_traceback(tmp_path):
+    """Ctrl-C while the package's imports (onnx, onnxruntime, numpy, rich) load, and a little later: exit 130,
+    one line, no traceback. Several timings, so some interrupt the imports whatever this machine's speed."""
+    src = save(conv_bn_model(), tmp_path / "m.onnx")
+    hit = 0
+    for delay in (0.2, 0.35, 0.5, 0.8, 1.2):
+        proc = subprocess.Popen([*_console_script(), "inspect", str(src)], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        time.sleep(delay)
+        if proc.poll() is not None:  # finished before the signal: nothing to learn from this timing
+            proc.communicate()
+            continue
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+        hit += 1
+        assert proc.returncode == 130, (delay, proc.returncode, err)
+        assert "Traceback" not in err and "Traceback" not in out, (delay, err)
+        assert err.strip().splitlines() == ["graphopt: interrupted; nothing was written"], (delay, err)
+    assert hit >= 2, "every run ended before its signal: the test interrupted nothing"
 
 
 def test_bad_usage_is_one_line_exit_2():

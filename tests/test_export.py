@@ -24,7 +24,7 @@ torch = pytest.importorskip("torch")
 
 import graphopt  # noqa: E402
 from graphopt.core.errors import InputError, UsageError, VerificationError  # noqa: E402
-from graphopt.export import ExportResult, parse_dynamic_spec, parse_input_spec  # noqa: E402
+from graphopt.export import ExportResult, parse_dynamic_spec, parse_input_option, parse_input_spec  # noqa: E402
 
 _SCRIPT = shutil.which("graphopt")
 _BASE_CMD = [_SCRIPT] if _SCRIPT else [sys.executable, "-m", "graphopt.cli"]
@@ -127,6 +127,28 @@ def batched():
     return ScaleUnlessBatched()
 '''
 
+EMB_SRC = '''
+import torch
+from torch import nn
+
+
+class Tagger(nn.Module):
+    """A 50-row embedding: the default generated token ids, [0, 1000), run past its end."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(50, 8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, tokens):
+        return self.head(self.embed(tokens)).mean(1)
+
+
+def build():
+    return Tagger()
+'''
+
 PLAIN_SRC = '''
 # no torch here: the errors these cause are found without importing it (fast tests)
 
@@ -141,7 +163,8 @@ def broken():
 
 
 def write_sources(folder: Path) -> Path:
-    for name, src in (("cnn", CNN_SRC), ("tokens", TOKENS_SRC), ("misc", MISC_SRC), ("plain", PLAIN_SRC)):
+    for name, src in (("cnn", CNN_SRC), ("tokens", TOKENS_SRC), ("misc", MISC_SRC), ("plain", PLAIN_SRC),
+                      ("emb", EMB_SRC)):
         (folder / f"{name}.py").write_text(textwrap.dedent(src))
     return folder
 
@@ -236,18 +259,32 @@ FAKE_TORCH = "raise ModuleNotFoundError(\"No module named 'torch'\", name='torch
                                        "'aten::fft_fft'"),
     (["misc", "--input", "x=1x4"], "expected MODULE:CALLABLE"),
     (["cnn:build", "--input", "image=1x3x0x8"], "every dim must be at least 1"),
-    (["cnn:build", "--input", "image"], "expected NAME=SHAPE[:DTYPE]"),
+    (["cnn:build", "--input", "image"], "expected NAME=SHAPE[:DTYPE[:LOW..HIGH]]"),
     (["cnn:build", "--input", "image=1x3x8x8:int65"], "unknown dtype 'int65'"),
     (["cnn:build", "--input", "image=1x3x8x8", "--input", "image=1x3x8x8"], "given twice"),
-    (["cnn:build", "--input", "image=1x3x8x8", "--dynamic", "img=0"], "no --input is named 'img'"),
+    (["cnn:build", "--input", "image=1x3x8x8", "--dynamic", "img=0"], "no input is named 'img'"),
     (["cnn:build", "--input", "image=1x3x8x8", "--dynamic", "image=4"], "axis out of range"),
     (["cnn:build", "--input", "image=1x3x8x8", "--dynamic", "image=batch"], "expected NAME=AXIS"),
     (["cnn:build", "--input", "image=1x3x8x8", "--missing-torch"], "pip install graphopt[torch]"),
+    (["emb:build", "--input", "tokens=2x7:int64:5..5"], "LOW < HIGH"),
+    (["emb:build", "--input", "tokens=2x7:int64:0.5..3"], "whole-number range"),
+    (["emb:build", "--input", "tokens=2x7:uint8:0..300"], "does not fit uint8"),
+    (["emb:build", "--input", "tokens=2x7:bool:0..2"], "bool input takes no value range"),
+    (["emb:build"], "give the module's inputs with --input"),
+    (["emb:build", "--example", "missing.npz"], "missing.npz: no such file"),
+    (["emb:build", "--example", "emb.py"], "--example takes an .npz"),
+    (["emb:build", "--example", "text.npz"], "is not an .npz file"),
+    (["emb:build", "--example", "ex.npz", "--input", "tokens=2x7:int64"], "ex.npz already gives it"),
+    (["emb:build", "--example", "ex.npz", "--dynamic", "tokens=2"], "axis out of range"),
 ], ids=["no-module", "no-attribute", "not-a-module", "build-raises", "export-fails", "no-colon", "zero-dim",
         "no-shape", "bad-dtype", "duplicate-input", "dynamic-unknown-input", "dynamic-axis-out-of-range",
-        "dynamic-not-int", "missing-torch"])
+        "dynamic-not-int", "missing-torch", "range-empty", "range-fraction-for-int", "range-past-dtype",
+        "range-bool", "no-inputs", "example-missing", "example-not-npz-name", "example-not-npz-content",
+        "example-and-input-same-name", "example-dynamic-axis-out-of-range"])
 def test_cli_bad_input_one_line_exit_2_nothing_written(tmp_path, args, expected):
     write_sources(tmp_path)
+    np.savez(tmp_path / "ex.npz", tokens=np.zeros((2, 7), np.int64))
+    (tmp_path / "text.npz").write_text("tokens\n1 2 3\n")
     env = None
     if "--missing-torch" in args:  # a `torch` that fails to import, ahead of the real one on the path
         args = [a for a in args if a != "--missing-torch"]
@@ -258,6 +295,46 @@ def test_cli_bad_input_one_line_exit_2_nothing_written(tmp_path, args, expected)
     line = assert_one_error_line(proc, 2)
     assert expected in line, line
     assert onnx_files(tmp_path) == []
+
+
+def test_cli_output_folder_is_refused_even_with_overwrite(tmp_path):
+    write_sources(tmp_path)
+    (tmp_path / "out.onnx").mkdir()
+    proc = graphopt_cli("export", "plain:broken", "--input", "x=1x4", "-o", "out.onnx", "--overwrite", "-q",
+                        cwd=tmp_path)
+    assert "is a folder" in assert_one_error_line(proc, 2)  # before the module is even imported
+
+
+def test_cli_embedding_index_error_names_the_input_to_give(tmp_path):
+    """Generated token ids [0, 1000) overrun a 50-row embedding: torch's IndexError, with the way out."""
+    write_sources(tmp_path)
+    proc = graphopt_cli("export", "emb:build", "--input", "tokens=2x7:int64", "-o", "e.onnx", "-q", cwd=tmp_path)
+    line = assert_one_error_line(proc, 2)
+    assert "IndexError: index out of range" in line
+    assert "'tokens'" in line and "--input tokens=2x7:int64:0..N" in line and "--example FILE.npz" in line
+    assert onnx_files(tmp_path) == []
+
+
+def test_cli_embedding_with_value_range_and_with_example_file(tmp_path):
+    write_sources(tmp_path)
+    proc = graphopt_cli("export", "emb:build", "--input", "tokens=2x7:int64:0..50", "--dynamic", "tokens=0",
+                        "--dynamic", "tokens=1", "-o", "range.onnx", "-q", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "tokens=4x14" in proc.stdout  # the second check: dynamic axes doubled, ids still in range
+
+    ids = np.random.default_rng(1).integers(0, 50, (3, 5)).astype(np.int64)
+    np.savez(tmp_path / "ex.npz", tokens=ids)
+    proc = graphopt_cli("export", "emb:build", "--example", "ex.npz", "--dynamic", "tokens=1", "-o", "ex.onnx",
+                        "-q", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "tokens=3x5" in proc.stdout and "tokens=3x10" in proc.stdout  # the file's values, then repeated
+
+    module = load_source(tmp_path, "emb").build().eval()
+    with torch.no_grad():
+        ref = module(torch.from_numpy(ids)).numpy()
+    for name in ("range.onnx", "ex.onnx"):
+        sess = ort.InferenceSession(str(tmp_path / name), providers=["CPUExecutionProvider"])
+        np.testing.assert_allclose(sess.run(None, {"tokens": ids})[0], ref, rtol=1e-4, atol=1e-5)
 
 
 def test_cli_torch_and_onnxruntime_disagree_exit_1_nothing_written(tmp_path):
@@ -337,8 +414,22 @@ def test_python_api_usage_errors():
         graphopt.export(lin, {"x": ((1, 4), "float32")})
 
 
+def test_python_api_value_ranges_and_arrays():
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Embedding(50, 4), torch.nn.Flatten(), torch.nn.Linear(12, 2))
+    with pytest.raises(InputError, match=r"'x' held token ids in \[0, 1000\)"):
+        graphopt.export(module, {"x": ((2, 3), "int64")})
+    assert graphopt.export(module, {"x": ((2, 3), "int64", (0, 50))}).passed
+    assert graphopt.export(module, {"x": np.full((2, 3), 49, np.int64)}).passed  # a numpy array as it is
+    with pytest.raises(UsageError, match="LOW < HIGH"):
+        graphopt.export(module, {"x": ((2, 3), "int64", (3, 1))})
+
+
 def test_parsers_and_generated_masks():
     assert parse_input_spec("image=1x3x224x224") == ("image", (1, 3, 224, 224), "float32")
+    assert parse_input_option("tokens=2x7:int64:0..50") == ("tokens", (2, 7), "int64", (0, 50))
+    assert parse_input_option("x=2x3:float32:-0.5..0.5") == ("x", (2, 3), "float32", (-0.5, 0.5))
+    assert parse_input_option("x=2x3")[3] is None
     assert parse_input_spec("input_ids=1x128:int64") == ("input_ids", (1, 128), "int64")
     assert parse_input_spec("m=2x4:fp16") == ("m", (2, 4), "float16")
     assert parse_dynamic_spec("image=-1") == ("image", -1)
@@ -354,6 +445,11 @@ def test_parsers_and_generated_masks():
     zeros = (mask == 0).sum(1).tolist()
     assert all(z >= 1 for z in zeros) and len(set(zeros)) > 1  # padding at the end, different per row
     assert all(mask[r, 16 - z:].eq(0).all() for r, z in enumerate(zeros))
+    ranged = [_Input("tokens", (4, 6), "int64", value_range=(3, 9)), _Input("x", (500,), "float32",
+                                                                            value_range=(-1.0, 2.0))]
+    for feed in _input_sets(torch, ranged, {"tokens": [1]}, seed=0):
+        assert 3 <= feed["tokens"].min() and feed["tokens"].max() < 9
+        assert -1.0 <= feed["x"].min() and feed["x"].max() < 2.0 and feed["x"].std() > 0.5
 
 
 def test_import_graphopt_without_torch():

@@ -14,6 +14,8 @@ along its batch axis into samples of `batch_size` (default: the model's fixed ba
 from __future__ import annotations
 
 import re
+import warnings
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Protocol
@@ -62,9 +64,15 @@ def parse_shapes(items: Iterable[str], flag: str = "--input-shape") -> dict[str,
 
 
 # ------------------------------------------------------------------------------ loading samples
+class ConversionNote(UserWarning):
+    """Calibration data of another dtype than the input's was converted (value-preserving, or float rounding).
+    Issued once per input; the CLI prints it as a note on stderr."""
+
+
 def load_samples(source, model, *, batch_size: int | None = None, limit: int | None = None) -> list[Feed]:
     """Read samples from a path, a CalibrationDataReader or a list of feeds ({input name: array}) and check them
-    against the model's inputs."""
+    against the model's inputs: shapes, finite values, and dtypes (converted when no value changes, or from one
+    float type to another, with one ConversionNote per input; refused otherwise)."""
     specs = {s.name: s for s in input_specs(model)}
     if hasattr(source, "get_next"):
         samples = _from_reader(source, limit)
@@ -78,8 +86,11 @@ def load_samples(source, model, *, batch_size: int | None = None, limit: int | N
         samples = samples[:limit]
     if not samples:
         raise InputError(f"{source if isinstance(source, (str, Path)) else 'the calibration data'}: holds no samples")
+    converted: dict[str, str] = {}  # input -> what was converted, said once however many samples
     for i, sample in enumerate(samples):
-        samples[i] = _checked(sample, specs, source)
+        samples[i] = _checked(sample, specs, source, i, converted)
+    for name, what in converted.items():
+        warnings.warn(f"calibration input {name!r}: {what}", ConversionNote, stacklevel=2)
     return samples
 
 
@@ -121,19 +132,49 @@ def _from_path(path: Path, specs: dict[str, InputSpec], batch_size: int | None) 
     raise InputError(f"{path}: calibration data must be .npz, .npy or a folder of them")
 
 
+_NPY_MAGIC = b"\x93NUMPY"
+_OBJECT_HINT = "graphopt reads plain numeric arrays only, never pickled objects"
+
+
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    # numpy's own errors here advise allow_pickle=True, which is never the fix: say what the file is instead
+    if not zipfile.is_zipfile(path):
+        head = path.read_bytes()[:6] if path.is_file() else b""
+        if head == _NPY_MAGIC:
+            raise InputError(f"{path}: is a single .npy array, not an .npz archive; name it .npy (single-input "
+                             "models) or save it with numpy.savez(path, INPUT_NAME=array)")
+        raise InputError(f"{path}: is not an .npz file (an .npz is a zip archive of arrays, as numpy.savez "
+                         "writes; this file is not a zip archive)")
     try:
         with np.load(path, allow_pickle=False) as data:
-            return {k: data[k] for k in data.files}
-    except Exception as exc:
+            arrays = {k: data[k] for k in data.files}
+    except ValueError as exc:
+        if "pickle" in str(exc) or "Object arrays" in str(exc):
+            raise InputError(f"{path}: holds an object array; {_OBJECT_HINT} (save numeric arrays with "
+                             "numpy.savez)") from None
         raise InputError(f"{path}: not a readable .npz file ({exc})") from None
+    except Exception as exc:
+        raise InputError(f"{path}: not a readable .npz file ({type(exc).__name__}: {exc})") from None
+    for key, value in arrays.items():
+        if not isinstance(value, np.ndarray):  # a zip member that is no .npy array
+            raise InputError(f"{path}: member {key!r} is not a numpy array; an .npz holds one .npy array per "
+                             "input, as numpy.savez writes")
+    return arrays
 
 
 def _read_npy(path: Path) -> np.ndarray:
+    head = path.read_bytes()[:6] if path.is_file() else b""
+    if head != _NPY_MAGIC:
+        kind = "an .npz archive (name it .npz)" if zipfile.is_zipfile(path) else "not a numpy array file"
+        raise InputError(f"{path}: is {kind}; a .npy holds one array, as numpy.save writes")
     try:
         return np.load(path, allow_pickle=False)
-    except Exception as exc:
+    except ValueError as exc:
+        if "pickle" in str(exc) or "Object arrays" in str(exc):
+            raise InputError(f"{path}: holds an object array; {_OBJECT_HINT}") from None
         raise InputError(f"{path}: not a readable .npy file ({exc})") from None
+    except Exception as exc:
+        raise InputError(f"{path}: not a readable .npy file ({type(exc).__name__}: {exc})") from None
 
 
 def _split(arrays: dict[str, np.ndarray], specs: dict[str, InputSpec], batch_size: int | None, origin) -> list[Feed]:
@@ -163,21 +204,48 @@ def _split(arrays: dict[str, np.ndarray], specs: dict[str, InputSpec], batch_siz
     return [{name: per_input[name][i] for name in arrays} for i in range(n)]
 
 
-def _checked(sample: Feed, specs: dict[str, InputSpec], origin) -> Feed:
+def _checked(sample: Feed, specs: dict[str, InputSpec], origin, index: int = 0,
+             converted: dict[str, str] | None = None) -> Feed:
+    """The sample with each array in its input's dtype; `converted` collects what was converted, per input."""
+    where = f"{origin if isinstance(origin, (str, Path)) else 'calibration data'}: sample {index} (counting from 0)"
     if set(sample) != set(specs):
-        raise InputError(f"{origin}: a sample feeds {sorted(sample)}, the model needs {sorted(specs)}")
+        raise InputError(f"{where} feeds {sorted(sample)}, the model needs {sorted(specs)}")
     out = {}
     for name, arr in sample.items():
         spec = specs[name]
         if len(arr.shape) != len(spec.shape) or any(isinstance(d, int) and d > 0 and d != a
                                                     for d, a in zip(spec.shape, arr.shape)):
-            raise InputError(f"{origin}: input {name!r} has shape {tuple(arr.shape)}, the model expects "
+            raise InputError(f"{where}: input {name!r} has shape {tuple(arr.shape)}, the model expects "
                              f"{_fmt_shape(spec.shape)}")
+        if arr.dtype.kind in "fc" and not np.isfinite(arr).all():  # would poison every range and comparison
+            bad = int(arr.size - np.isfinite(arr).sum())
+            raise InputError(f"{where}: input {name!r} holds {bad} NaN/Inf value{'s' if bad > 1 else ''}; "
+                             "calibration data must be finite")
         if arr.dtype != spec.dtype:
-            if not np.can_cast(arr.dtype, spec.dtype, casting="same_kind"):
-                raise InputError(f"{origin}: input {name!r} is {arr.dtype}, the model expects {spec.dtype}")
-            arr = arr.astype(spec.dtype)
+            arr = _converted(arr, spec, where)
+            if converted is not None:
+                converted.setdefault(name, f"{sample[name].dtype} data converted to {spec.dtype}, the input's type"
+                                     + (" (rounded to its precision)" if sample[name].dtype.kind == "f"
+                                        and spec.dtype.kind == "f" else " (no value changed)"))
         out[name] = np.ascontiguousarray(arr)
+    return out
+
+
+def _converted(arr: np.ndarray, spec: InputSpec, where: str) -> np.ndarray:
+    """`arr` in the input's dtype: float to float (rounding only), or any conversion that changes no value;
+    anything else (fractions to integers, ids past float32's exact range, out-of-range integers) is refused."""
+    refuse = InputError(f"{where}: input {spec.name!r} is {arr.dtype}, the model expects {spec.dtype}, and "
+                        f"converting would change values; save the data as {spec.dtype}")
+    if arr.dtype.kind not in "biuf" or spec.dtype.kind not in "biuf":  # complex, strings, objects
+        raise InputError(f"{where}: input {spec.name!r} is {arr.dtype}, the model expects {spec.dtype}")
+    with np.errstate(all="ignore"):
+        out = arr.astype(spec.dtype)
+        if arr.dtype.kind == "f" and spec.dtype.kind == "f":
+            if not np.isfinite(out).all():
+                raise InputError(f"{where}: input {spec.name!r} has values beyond {spec.dtype}'s range")
+            return out
+        if not np.array_equal(out.astype(arr.dtype), arr):
+            raise refuse
     return out
 
 
@@ -368,5 +436,5 @@ def prepare_inputs(model, calib=None, *, input_shapes: dict | None = None, batch
     return split_samples(samples, seed, synthetic=True)
 
 
-__all__ = ["InputSet", "InputSpec", "CalibrationDataReader", "load_samples", "synthetic_samples",
+__all__ = ["InputSet", "InputSpec", "CalibrationDataReader", "ConversionNote", "load_samples", "synthetic_samples",
            "split_samples", "prepare_inputs", "parse_shapes", "input_specs", "latency_feed", "describe_feed", "second_size_feeds"]
