@@ -254,7 +254,7 @@ class Prune(Pass):
                                 warmup=5, repeats=30, min_seconds=0.3, max_seconds=3.0)
         counters = {"groups": len(cg.groups()), "prunable": sum(g.prunable for g in cg.groups()),
                     "pruned_groups": len(keep),
-                    "macs_before": costs.total("macs", {}), "macs_after": after.total("macs", {}),
+                    "macs_before": round(costs.total("macs", {})), "macs_after": round(after.total("macs", {})),
                     "params_before": model.parameter_count(), "params_after": result.parameter_count(),
                     "latency_before_ms": round(lat[0].median_ms, 4), "latency_after_ms": round(lat[1].median_ms, 4),
                     "predicted_distortion": round(sum(distortion[g][k] for g, k in choice.items()), 6),
