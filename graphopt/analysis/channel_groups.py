@@ -93,7 +93,7 @@ class Group:
 
 
 @dataclass
-class Plan:
+class SliceRecipe:
     """What a node needs when channels of its tracked inputs/outputs are removed."""
 
     kind: str
@@ -136,9 +136,9 @@ class ChannelGroups:
         self._producers: list[list[str]] = []
         self._consumers: list[list[str]] = []
         self.tracked: dict[str, Tracked] = {}
-        self.plans: dict[str, Plan] = {}
+        self.plans: dict[str, SliceRecipe] = {}
         self.nodes: dict[str, onnx.NodeProto] = {}
-        for node in _topological(graph):
+        for node in topological_nodes(graph):
             self.nodes[node.name] = node
             for out in node.output:
                 self.producer_of[out] = node.name
@@ -293,7 +293,7 @@ def _producer(cg: ChannelGroups, node, reads, w_index: int, out_axis_of_w: int, 
             g = cg._new(int(w.shape[out_axis_of_w]), f"{node.op_type} {node.name!r}: {why}", node.name)
             cg._set(node.output[0], out_axis, [Segment(g, ONE)])
         return
-    plan = Plan("producer", data={"weight": w_index, "w_in_axis": in_axis_of_w, "w_out_axis": out_axis_of_w,
+    plan = SliceRecipe("producer", data={"weight": w_index, "w_in_axis": in_axis_of_w, "w_out_axis": out_axis_of_w,
                                   "bias": bias_index})
     if x in cg.tracked:
         tr = cg.tracked[x]
@@ -334,7 +334,7 @@ def _conv(cg, node, reads):
     c_in = w.shape[1] * group
     if w.shape[1] == 1 and w.shape[0] == c_in and x in cg.tracked and cg.tracked[x].axis == axis \
             and cg._weight_ok(node, 1):  # depthwise: channel i in -> channel i out
-        plan = Plan("depthwise", slices=[(1, 0, node.output[0])])
+        plan = SliceRecipe("depthwise", slices=[(1, 0, node.output[0])])
         if len(node.input) > 2 and node.input[2]:
             if cg.array(node.input[2]) is None:
                 cg._freeze_inputs(node, f"Conv {node.name!r}: its bias is not a constant")
@@ -388,11 +388,11 @@ def _matmul(cg, node, reads):
     if ta and tb and ta.axis == tb.axis and ta.axis <= -3:  # heads: a batch axis on both sides
         cg._unify(ta.layout, tb.layout, where)
         cg._set(out, ta.axis, ta.layout)
-        cg.plans[node.name] = Plan("activation_matmul")
+        cg.plans[node.name] = SliceRecipe("activation_matmul")
         return
     if ta and tb and ta.axis == -1 and tb.axis == -2:  # contracted on both sides
         cg._unify(ta.layout, tb.layout, where)
-        cg.plans[node.name] = Plan("activation_matmul")
+        cg.plans[node.name] = SliceRecipe("activation_matmul")
         return
     if ta and not tb and ta.axis == -2:
         cg._set(out, -2, ta.layout)
@@ -411,7 +411,7 @@ def _unary(cg, node, reads):
         return
     tr = cg.tracked[x]
     cg._set(node.output[0], tr.axis, tr.layout)
-    cg.plans[node.name] = Plan("unary")
+    cg.plans[node.name] = SliceRecipe("unary")
 
 
 def _pool(cg, node, reads):
@@ -435,7 +435,7 @@ def _norm(cg, node, reads):
         return
     tr = cg.tracked[x]
     cg._set(node.output[0], tr.axis, tr.layout)
-    cg.plans[node.name] = Plan("norm", slices=[(i, 0, node.output[0]) for i, n in enumerate(node.input)
+    cg.plans[node.name] = SliceRecipe("norm", slices=[(i, 0, node.output[0]) for i, n in enumerate(node.input)
                                                if i >= 1 and n])
 
 
@@ -486,7 +486,7 @@ def _elementwise(cg, node, reads):
     for t in tracked[1:]:
         cg._unify(layout, t.layout, where)
     full = cg.length(layout)
-    plan = Plan("elementwise")
+    plan = SliceRecipe("elementwise")
     for i, n in enumerate(node.input):
         if not n or n in cg.tracked:
             continue
@@ -595,7 +595,7 @@ def _split(cg, node, reads):
         pos += s
     for o, sub in subs:
         cg._set(o, tr.axis, sub)
-    cg.plans[node.name] = Plan("split", data={"source": x})
+    cg.plans[node.name] = SliceRecipe("split", data={"source": x})
 
 
 def _slice(cg, node, reads):
@@ -625,7 +625,7 @@ def _slice(cg, node, reads):
     if sub is None:
         return
     cg._set(node.output[0], tr.axis, sub)
-    cg.plans[node.name] = Plan("slice", data={"source": x, "index": i, "start": lo, "stop": hi})
+    cg.plans[node.name] = SliceRecipe("slice", data={"source": x, "index": i, "start": lo, "stop": hi})
 
 
 def _transpose(cg, node, reads):
@@ -758,7 +758,7 @@ def _reshape(cg, node, reads):
                 return
             cg._block[r] = math.lcm(cg._block[r], per)
         cg._set(node.output[0], -2, [Segment(s.group, s.repeat / d) for s in tr.layout])
-        cg.plans[node.name] = Plan("reshape", data={"spec": spec[-2][1], "value": values[-2]})
+        cg.plans[node.name] = SliceRecipe("reshape", data={"spec": spec[-2][1], "value": values[-2]})
         return
     repeats = {s.repeat for s in tr.layout}
     d = shape_in[-1] if isinstance(shape_in[-1], int) else \
@@ -766,7 +766,7 @@ def _reshape(cg, node, reads):
     if p == rank - 2 and rank_out == rank - 1 and d is not None \
             and values[-1] in (full * d, -1):  # [.., H, D] -> [.., H*D]: heads merged
         cg._set(node.output[0], -1, [Segment(s.group, s.repeat * d) for s in tr.layout])
-        cg.plans[node.name] = Plan("reshape", data={"spec": spec[-1][1], "value": values[-1]})
+        cg.plans[node.name] = SliceRecipe("reshape", data={"spec": spec[-1][1], "value": values[-1]})
         return
     after = shape_in[p + 1:]
     if rank_out == p + 1 and all(isinstance(d, int) for d in after) \
@@ -774,11 +774,11 @@ def _reshape(cg, node, reads):
             and all(v == 0 or v == shape_in[i] or (v == -1 and values[-1] != -1) for i, v in enumerate(values[:-1])):
         r = int(np.prod(after or [1]))  # [.., C, H, W] -> [.., C*H*W]: each channel owns H*W features
         cg._set(node.output[0], -1, [Segment(s.group, s.repeat * r) for s in tr.layout])
-        cg.plans[node.name] = Plan("reshape", data={"spec": spec[-1][1], "value": values[-1]})
+        cg.plans[node.name] = SliceRecipe("reshape", data={"spec": spec[-1][1], "value": values[-1]})
         return
     if out_shape is not None and rank_out == rank and p == rank - 1 and values[-1] == full:
         cg._set(node.output[0], -1, tr.layout)  # leading axes reshaped, channels untouched
-        cg.plans[node.name] = Plan("reshape", data={"spec": spec[-1][1], "value": values[-1]})
+        cg.plans[node.name] = SliceRecipe("reshape", data={"spec": spec[-1][1], "value": values[-1]})
         return
     cg._freeze(tr.layout, f"{where} reshapes the channel axis in a way not understood")
 
@@ -883,7 +883,7 @@ class ChannelRule:
 
     `apply(cg, node, reads)` (reads: the node's inputs that carry channels) sets `cg.tracked` for the outputs it
     passes channels to (`cg._set`), joins layouts (`cg._unify`), freezes what it cannot follow (`cg._freeze`,
-    `cg._freeze_inputs`) and records in `cg.plans[node.name]` what the build must slice (a Plan("elementwise")
+    `cg._freeze_inputs`) and records in `cg.plans[node.name]` what the build must slice (a SliceRecipe("elementwise")
     slice for a per-channel constant, for instance). An output it does not track carries no channels.
     """
 
@@ -972,7 +972,7 @@ def channel_rule(op_type: str, rule, domain: str = ""):
             CHANNEL_RULES[(_domain(domain), op_type)] = previous
 
 
-def _topological(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
+def topological_nodes(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
     """Nodes with producers first (ONNX requires it; files that break the rule are re-sorted, Kahn's algorithm)."""
     known = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
     nodes = list(graph.node)
@@ -997,5 +997,5 @@ def analyse(model, infos=None) -> ChannelGroups:
     return ChannelGroups(model, infos)
 
 
-__all__ = ["ChannelGroups", "Group", "Plan", "Segment", "Tracked", "analyse", "ZERO_PRESERVING", "ChannelRule",
+__all__ = ["ChannelGroups", "Group", "SliceRecipe", "Segment", "Tracked", "analyse", "ZERO_PRESERVING", "ChannelRule",
            "CHANNEL_RULES", "BUILTIN_RULES", "register_channel_rule", "unregister_channel_rule", "channel_rule"]

@@ -247,9 +247,9 @@ def _matmul_bias(ed: _Editor, node, delta, graph, pos) -> None:
 
 
 def _resort(graph) -> None:
-    from ...analysis.channel_groups import _topological
+    from ...analysis.channel_groups import topological_nodes
 
-    order = _topological(graph)
+    order = topological_nodes(graph)
     del graph.node[:]
     graph.node.extend(order)
 
