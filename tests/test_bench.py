@@ -209,8 +209,8 @@ def test_harness_fp32_and_minmax_on_bundled_model(tmp_path):
     assert rows["fp32"]["speed-up"] == "1.00×" and rows["fp32"]["agree w/ fp32"] == "100.00%"
     assert float(rows["ort_minmax"]["size (MB)"]) < float(rows["fp32"]["size (MB)"]) / 2  # int8 weights
     assert "failed" not in rows["ort_minmax"]["notes"]
-    for r in rows.values():
-        assert float(r["latency median (ms)"]) > 0
+    for r in rows.values():  # a median never above its p90
+        assert float(r["latency median (ms)"]) <= float(r["p90 (ms)"])
     # the noise floor: a second session of the fp32 file, timed in the same run; batch and threads stated
     assert "noise floor" in text and "**batch / threads**: batch 1; 2 intra-op threads" in text
     assert rows["fp32_twin"]["top-1 acc"] == "–" and rows["fp32_twin"]["size (MB)"] == rows["fp32"]["size (MB)"]
@@ -249,14 +249,10 @@ def test_compare_tables():
     assert differences == ["m / q / acc: 89.00% vs 88.00%"]
 
 
-def test_wait_for_quiet_and_other_load():
-    from bench.harness import OtherLoad, wait_for_quiet
+def test_wait_for_quiet():
+    from bench.harness import wait_for_quiet
 
-    with OtherLoad() as other:
-        sum(range(200_000))
-    assert other.fraction is None or 0.0 <= other.fraction <= 1.5
-
-    waited, ok = wait_for_quiet(1e9, timeout=1.0)
-    assert ok and waited < 1.0
+    waited, ok = wait_for_quiet(1e9, timeout=1.0)  # any load is below 1e9: returns at once, quiet
+    assert ok
     waited, ok = wait_for_quiet(-1.0, timeout=0.0, poll=0.01)  # a load average is never below -1
     assert not ok
