@@ -21,9 +21,24 @@ def main() -> int:
     except KeyboardInterrupt:  # during the imports above, or argument parsing before cli.main's own handler
         sys.stderr.write("graphopt: interrupted; nothing was written\n")
         return INTERRUPTED
+    except ImportError as exc:  # onnxruntime turns a Ctrl-C during its own import into ImportError from it
+        if not _caused_by_interrupt(exc):
+            raise
+        sys.stderr.write("graphopt: interrupted; nothing was written\n")
+        return INTERRUPTED
     except BrokenPipeError:  # `graphopt passes | head`: the reader left; no traceback, and none at exit either
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 128 + 13  # what a shell reports for a program killed by SIGPIPE
+
+
+def _caused_by_interrupt(exc: BaseException) -> bool:
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 if __name__ == "__main__":

