@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import onnx
 
-from .core.calibration import InputSet, describe_feed, second_size_feeds
+from .core.calibration import InputSet, describe_feed, second_size_feeds, shapes_text
 from .core.errors import GraphoptError, InputError, UsageError, VerificationError
 from .core.model import Model
 from .core.numerics import OutputMetrics, Tolerance, compare_outputs
@@ -103,7 +103,7 @@ class Pipeline:
             feed = ctx.latency_feed(model)
             report.latency_shape = describe_feed(feed)
             ctx.progress("measuring latency (original, then optimized) at "
-                         + ", ".join(f"{k} {'x'.join(map(str, v))}" for k, v in report.latency_shape.items()))
+                         + shapes_text(report.latency_shape))
             report.latency_before, report.latency_after = measure_latencies(
                 [make_session(model, ctx.runtime), make_session(current, ctx.runtime)], feed,
                 threads=ctx.runtime.intra_op_threads)
@@ -202,21 +202,20 @@ class _Checks:
         except onnx.checker.ValidationError as exc:
             return f"onnx.checker rejected the result: {str(exc).strip().splitlines()[0]}", None
         try:
-            make_session(candidate, self.ctx.runtime)
             out = self.outputs(candidate, DEFAULT_VERIFIER)
         except (GraphoptError, ValueError) as exc:
             return f"the result does not run in onnxruntime: {exc}", None
         except Exception as exc:  # ORT session creation errors
             return f"onnxruntime rejected the result: {str(exc).strip().splitlines()[0]}", None
         if self.resized and out.resized is None:
-            return f"the result does not run at a second input size ({_shapes(self.resized[0])})", None
+            return f"the result does not run at a second input size ({shapes_text(self.resized[0])})", None
         return "", out
 
     def compare_outputs(self, reference: _Outputs, candidate: _Outputs) -> list[OutputMetrics]:
         metrics = compare_outputs(reference.main, candidate.main, self.scores)
         if self.resized and reference.resized is not None and candidate.resized is not None:
             metrics += compare_outputs(reference.resized, candidate.resized, self.scores,
-                                       suffix=f" @ {_shapes(self.resized[0])}")
+                                       suffix=f" @ {shapes_text(self.resized[0])}")
         return metrics
 
     def compare(self, reference: Model, candidate: Model, verifier: Verifier,
@@ -232,10 +231,6 @@ class _Checks:
             return self.compare_outputs(ref, self.outputs(candidate, verifier, limit))
         except ValueError as exc:
             raise VerificationError(f"cannot compare the outputs: {exc}") from None
-
-
-def _shapes(feed) -> str:
-    return ", ".join(f"{k} {'x'.join(map(str, v.shape))}" for k, v in feed.items())
 
 
 def _session_or_error(model: Model, ctx: Context, what: str):

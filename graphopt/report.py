@@ -11,6 +11,7 @@ from pathlib import Path
 import onnxruntime as ort
 
 from ._version import __version__
+from .core.calibration import shapes_text
 from .core.files import write_text_atomic
 from .core.numerics import OutputMetrics, Tolerance
 from .passes.base import Decision
@@ -139,7 +140,7 @@ class Report:
         console.print(summary)
         if self.latency_before and self.latency_after:
             threads = self.latency_before.threads
-            shape = ", ".join(f"{k} {'x'.join(map(str, v))}" for k, v in (self.latency_shape or {}).items())
+            shape = shapes_text(self.latency_shape or {})
             console.print(f"latency: onnxruntime at {shape or 'the first sample'}, {threads} intra-op "
                           f"thread{'s' if threads != 1 else ''}, {self.latency_before.runs}+{self.latency_after.runs} "
                           "runs interleaved", markup=False)

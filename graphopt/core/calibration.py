@@ -324,9 +324,9 @@ def latency_feed(model, samples: list[Feed], *, batch: int = 1, shapes: dict[str
             target = (batch,) + first.shape[1:]
         else:
             target = first.shape
-        rows = [s[name] for s in samples if s[name].shape[1:] == first.shape[1:]] if first.ndim else [first]
-        arr = np.concatenate(rows) if first.ndim else first
-        feed[name] = np.ascontiguousarray(_cut_or_tile(arr, target))
+        if first.ndim:  # rows from successive samples of the same row shape: real, distinct data
+            first = np.concatenate([s[name] for s in samples if s[name].shape[1:] == first.shape[1:]])
+        feed[name] = np.ascontiguousarray(_cut_or_tile(first, target))
     return feed
 
 
@@ -341,6 +341,11 @@ def _cut_or_tile(arr: np.ndarray, target: tuple) -> np.ndarray:
 
 def describe_feed(feed: Feed) -> dict[str, list[int]]:
     return {k: list(v.shape) for k, v in feed.items()}
+
+
+def shapes_text(shapes: dict) -> str:
+    """`x 2x8, mask 2x8` for a feed or a {name: shape} dict, as reports and messages quote shapes."""
+    return ", ".join(f"{k} {'x'.join(map(str, getattr(v, 'shape', v)))}" for k, v in shapes.items())
 
 
 # ------------------------------------------------------------------------------ a second shape
@@ -374,8 +379,7 @@ def second_size_feeds(model, feeds: list[Feed], count: int = 8) -> tuple[list[Fe
                 for name, axis in uses:
                     feed[name] = np.ascontiguousarray(np.take(feed[name], range(length - length // 4), axis=axis))
         out.append(feed)
-    first = out[0]
-    return out, ", ".join(f"{k} {'x'.join(map(str, v.shape))}" for k, v in first.items())
+    return out, shapes_text(out[0])
 
 
 # ------------------------------------------------------------------------------ split
@@ -437,4 +441,4 @@ def prepare_inputs(model, calib=None, *, input_shapes: dict | None = None, batch
 
 
 __all__ = ["InputSet", "InputSpec", "CalibrationDataReader", "ConversionNote", "load_samples", "synthetic_samples",
-           "split_samples", "prepare_inputs", "parse_shapes", "input_specs", "latency_feed", "describe_feed", "second_size_feeds"]
+           "split_samples", "prepare_inputs", "parse_shapes", "input_specs", "latency_feed", "describe_feed", "shapes_text", "second_size_feeds"]
