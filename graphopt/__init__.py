@@ -38,7 +38,7 @@ _LAZY = {
     "Pipeline": ".pipeline",
     "Report": ".report",
     **{name: ".passes" for name in ("DEFAULT_RECIPE", "REGISTRY", "Context", "Pass", "PassResult", "create",
-                                    "parse_pass_spec", "QDQ", "FoldBatchNorm", "FoldConstants", "LowRank", "Prune",
+                                    "parse_pass_spec", "QDQ", "FoldBatchNorm", "FoldConstants", "LowRank", "Prune", "Recover",
                                     "RemoveDead", "RemoveIdentity")},
 }
 _SUBPACKAGES = {"core", "analysis", "passes", "pipeline", "report", "recipe", "cli"}
@@ -102,6 +102,6 @@ def optimize(model: Model | str | os.PathLike, passes: Sequence[Pass | str] | No
 
 
 __all__ = ["__version__", "load", "optimize", "Model", "Pipeline", "Context", "Pass", "PassResult", "Report",
-           "Tolerance", "RuntimeSettings", "InputSet", "REGISTRY", "DEFAULT_RECIPE", "QDQ", "Prune", "LowRank", "FoldBatchNorm",
+           "Tolerance", "RuntimeSettings", "InputSet", "REGISTRY", "DEFAULT_RECIPE", "QDQ", "Prune", "LowRank", "Recover", "FoldBatchNorm",
            "FoldConstants", "RemoveDead", "RemoveIdentity", "GraphoptError", "InputError", "UsageError",
            "VerificationError", "resolve_passes", "export", "ExportResult"]

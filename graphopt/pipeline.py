@@ -13,6 +13,7 @@ check on all. Models with dynamic dims are also checked at a second size (see se
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from dataclasses import dataclass
@@ -73,7 +74,7 @@ class Pipeline:
         ctx.progress(f"running the original model on {len(verification)} verification samples"
                      + (f" (and {len(resized)} at a second size: {resized_note})" if resized else ""))
         checks = _Checks(ctx, scores, verification, resized, model)
-        original = checks.outputs(model, DEFAULT_VERIFIER)
+        original = checks.original_outputs()
         if resized and original.resized is None:
             resized_note = f"skipped: the original model does not run at {resized_note}"
             checks.resized = []
@@ -81,10 +82,15 @@ class Pipeline:
                         runtime=ctx.runtime, warnings=warnings)
         report.inputs["second_size"] = resized_note if checks.resized else f"none ({resized_note})"
 
+        if ctx.original is None:
+            ctx = dataclasses.replace(ctx, original=model)
         current, current_out = model, original
         for i, p in enumerate(self.passes, 1):
             ctx.progress(f"[{i}/{len(self.passes)}] {p}")
-            record, current, current_out = self._apply(p, current, current_out, model, checks, ctx)
+            # a chain followed by a recovery is held to the user's bounds only after the recovery
+            recovery_follows = any(q.judged_against == "original" for q in self.passes[i:])
+            record, current, current_out = self._apply(p, current, current_out, model, checks, ctx,
+                                                       recovery_follows)
             report.passes.append(record)
             if record.status == "rolled back" and self.strict:
                 raise VerificationError(f"pass {p.name} failed verification: {record.reason}")
@@ -128,7 +134,8 @@ class Pipeline:
             warnings.append("synthetic random inputs: a lossy pass's figures on them say little about real data")
         return warnings
 
-    def _apply(self, p: Pass, model: Model, model_out, original: Model, checks: "_Checks", ctx: Context):
+    def _apply(self, p: Pass, model: Model, model_out, original: Model, checks: "_Checks", ctx: Context,
+               recovery_follows: bool = False):
         t0 = time.perf_counter()
         record = PassRecord(name=p.name, spec=str(p), exact=p.exact)
         try:
@@ -147,14 +154,20 @@ class Pipeline:
         own = p.tolerance()
         record.tolerance = own.describe()
         problem, candidate_out = checks.validate(result.model)
-        if not problem:
+        if not problem and p.judged_against == "original":
+            # against the original, before and after: it must move the model closer, not only stay in the guard
+            reference = checks.original_outputs()
+            record.metrics_before = checks.compare_outputs(reference, model_out)
+            record.metrics = checks.compare_outputs(reference, candidate_out)
+            problem = "; ".join(own.violations(record.metrics) + _moved_away(record.metrics_before, record.metrics))
+        elif not problem:
             verifier = p.verifier()
             if verifier is DEFAULT_VERIFIER:
                 record.metrics = checks.compare_outputs(model_out, candidate_out)
             else:
                 record.metrics = checks.compare(model, result.model, verifier)
             problem = "; ".join(own.violations(record.metrics))
-        if not problem and self.tolerance is not None:
+        if not problem and self.tolerance is not None and not recovery_follows:
             # the user's bound is on the end result: a pass that already breaks it is not kept
             against = checks.compare(original, result.model, p.verifier())
             record.metrics_vs_original = against
@@ -165,6 +178,17 @@ class Pipeline:
             return record, model, model_out
         record.status = "applied"
         return record, result.model, candidate_out
+
+
+def _moved_away(before: list[OutputMetrics], after: list[OutputMetrics]) -> list[str]:
+    """Outputs that ended further from the original than they started: a larger relative L2 error and no better
+    top-1 agreement."""
+    out = []
+    for b, a in zip(before, after):
+        agreement_up = a.top1_agreement is not None and a.top1_agreement > (b.top1_agreement or 0.0)
+        if a.rel_l2 > b.rel_l2 and not agreement_up:
+            out.append(f"{a.name} moved away from the original (relative L2 {b.rel_l2:.4g} -> {a.rel_l2:.4g})")
+    return out
 
 
 def _applied(report: Report, p: Pass) -> bool:
@@ -193,6 +217,12 @@ class _Checks:
             except Exception:  # the caller decides what a model that cannot take the second size means
                 resized = None
         return _Outputs(main, resized)
+
+    def original_outputs(self) -> _Outputs:
+        key = (DEFAULT_VERIFIER.name, MAX_VERIFY_SAMPLES_PER_PASS)
+        if key not in self._original_outputs:
+            self._original_outputs[key] = self.outputs(self.original, DEFAULT_VERIFIER)
+        return self._original_outputs[key]
 
     def validate(self, candidate: Model) -> tuple[str, _Outputs | None]:
         """Empty string when the candidate is valid ONNX and runs in ORT on both sizes; else why not."""

@@ -45,6 +45,8 @@ class PassRecord:
     details: dict = field(default_factory=dict)
     metrics: list[OutputMetrics] = field(default_factory=list)  # against its own input
     metrics_vs_original: list[OutputMetrics] = field(default_factory=list)  # when the user set bounds
+    # passes judged against the original (recover): their input against the original; `metrics` is the result's
+    metrics_before: list[OutputMetrics] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return {"name": self.name, "spec": self.spec, "status": self.status, "reason": self.reason,
@@ -52,7 +54,8 @@ class PassRecord:
                 "seconds": round(self.seconds, 4), "counters": self.counters, "details": self.details,
                 "decisions": [d.to_dict() for d in self.decisions],
                 "metrics": [m.to_dict() for m in self.metrics],
-                "metrics_vs_original": [m.to_dict() for m in self.metrics_vs_original]}
+                "metrics_vs_original": [m.to_dict() for m in self.metrics_vs_original],
+                "metrics_before": [m.to_dict() for m in self.metrics_before]}
 
 
 def machine() -> dict:
@@ -154,6 +157,13 @@ class Report:
                 did = f"{did}; {p.reason}" if did else p.reason
             passes.add_row(p.spec, p.status, f"{p.seconds:.2f}", did)
         console.print(passes)
+        for p in self.passes:
+            for b, a in zip(p.metrics_before, p.metrics):  # recover: how far it moved the model back
+                moved = (f"top-1 agreement {b.top1_agreement:.2%} -> {a.top1_agreement:.2%}, "
+                         if a.top1_agreement is not None else "")
+                console.print(f"  {p.name}: {a.name} against the original on {a.samples} verification samples: "
+                              f"{moved}cosine {b.cosine:.4f} -> {a.cosine:.4f}, rel L2 {b.rel_l2:.3g} -> "
+                              f"{a.rel_l2:.3g}" + ("" if p.status == "applied" else f" ({p.status})"), markup=False)
         skipped = [(p.name, d) for p in self.passes for d in p.decisions if d.action == "skipped"]
         for name, d in skipped[:20]:
             console.print(f"  [dim]{name}: skipped {d.site}: {d.reason}[/dim]")

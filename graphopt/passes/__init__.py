@@ -5,6 +5,7 @@ from .cleanup.cleanup import DEFAULT_RECIPE, FoldBatchNorm, FoldConstants, Remov
 from .qdq.qdq import QDQ
 from .lowrank.lowrank import LowRank
 from .prune.prune import Prune
+from .recover.recover import Recover
 
 __all__ = ["REGISTRY", "Context", "Decision", "Pass", "PassResult", "create", "parse_pass_spec", "register",
-           "DEFAULT_RECIPE", "LowRank", "Prune", "QDQ", "FoldBatchNorm", "FoldConstants", "RemoveDead", "RemoveIdentity"]
+           "DEFAULT_RECIPE", "LowRank", "Prune", "QDQ", "Recover", "FoldBatchNorm", "FoldConstants", "RemoveDead", "RemoveIdentity"]

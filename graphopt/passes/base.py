@@ -51,6 +51,8 @@ class Context:
     latency_shapes: dict[str, tuple[int, ...]] | None = None
     # output name -> "scores" | "other": which outputs are class scores (agreement, KL); the rest by heuristic
     output_kinds: dict[str, str] = field(default_factory=dict)
+    # the pipeline's input model, before any pass: what `recover` distils towards (the pipeline sets it)
+    original: Model | None = None
 
     def class_scores(self, model: Model) -> frozenset[str]:
         return class_score_outputs(model, self.output_kinds)
@@ -83,6 +85,9 @@ class Pass:
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
     exact: ClassVar[bool] = True  # lossy passes get a looser default verification bound
+    # "input": the result is checked against the pass's own input; "original": against the pipeline's original
+    # (recover, which moves the model back towards it), and then the user's bounds wait for it
+    judged_against: ClassVar[str] = "input"
 
     def run(self, model: Model, ctx: Context) -> PassResult:  # pragma: no cover - interface
         raise NotImplementedError
