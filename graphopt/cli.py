@@ -116,6 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--max-size-mb", type=float, metavar="MB",
                      help=f"size budget for the passes that take one ({', '.join(passes_taking('max_size_mb'))}): "
                           "the output at most MB megabytes")
+    opt.add_argument("--train-data", metavar="FILE|FOLDER",
+                     help=f"further unlabeled inputs for the passes that train ({', '.join(passes_taking('train_data'))})"
+                          ": .npz/.npy or a folder of them, besides the --calib fit samples; samples equal to "
+                          "verification samples are left out")
     inputs_args(opt)
     latency_args(opt)
     tolerance_args(opt)
@@ -352,6 +356,13 @@ def cmd_optimize(args) -> int:
         passes = [_with_default(p, "target_speedup", args.target_speedup) for p in passes]
     if args.max_size_mb is not None:
         passes = [_with_default(p, "max_size_mb", args.max_size_mb) for p in passes]
+    if args.train_data is not None:
+        if not any(hasattr(p, "train_data") for p in passes):
+            raise UsageError(f"--train-data is for the passes that train ({', '.join(passes_taking('train_data'))}), "
+                             "and none is asked for")
+        if not Path(args.train_data).exists():
+            raise InputError(f"{args.train_data}: no such file or folder (--train-data)")
+        passes = [_with_default(p, "train_data", args.train_data) for p in passes]
     tolerance = _tolerance(args, recipe_tolerance)
     runtime = _runtime(args)
     say(f"loading {args.model}")

@@ -59,6 +59,8 @@ class Pipeline:
         if inputs is None or not inputs.verification:
             raise UsageError("the pipeline needs inputs to verify against (Context.inputs)")
         started = time.perf_counter()
+        for p in self.passes:
+            p.preflight(model, inputs)
         warnings = self._check_samples(inputs)
         for w in warnings:
             print(f"graphopt: warning: {w}", file=sys.stderr)
@@ -181,12 +183,16 @@ class Pipeline:
 
 
 def _moved_away(before: list[OutputMetrics], after: list[OutputMetrics]) -> list[str]:
-    """Outputs that ended further from the original than they started: a larger relative L2 error and no better
-    top-1 agreement."""
+    """Outputs that ended further from the original than they started: class scores with a lower top-1
+    agreement (a distilled model matches softmax scores, which ignore a shift of the logits, so their L2 error
+    says little), other outputs with a larger relative L2 error."""
     out = []
     for b, a in zip(before, after):
-        agreement_up = a.top1_agreement is not None and a.top1_agreement > (b.top1_agreement or 0.0)
-        if a.rel_l2 > b.rel_l2 and not agreement_up:
+        if a.top1_agreement is not None and b.top1_agreement is not None:
+            if a.top1_agreement < b.top1_agreement:
+                out.append(f"{a.name} moved away from the original (top-1 agreement {b.top1_agreement:.2%} -> "
+                           f"{a.top1_agreement:.2%})")
+        elif a.rel_l2 > b.rel_l2:
             out.append(f"{a.name} moved away from the original (relative L2 {b.rel_l2:.4g} -> {a.rel_l2:.4g})")
     return out
 

@@ -117,7 +117,7 @@ class TorchGraph(torch.nn.Module):
             self.parameter_names.append(t.name)
             params.append(p)
         self.params = torch.nn.ParameterList(params)
-        self.nodes = list(g.node)
+        self.nodes = _fuse_fake_quantize(g)
         self._attrs = [node_attrs(n) for n in self.nodes]
         self.output_names = [o.name for o in g.output]
         self.input_names = [i.name for i in g.input if i.name not in inits]
@@ -160,7 +160,7 @@ class TorchGraph(torch.nn.Module):
             except Exception as exc:
                 raise RuntimeError(f"torch executor: node {node.name or node.op_type} ({node.op_type}) failed: "
                                    f"{exc}") from exc
-            results = result if isinstance(result, (tuple, list)) else (result,)
+            results = result if isinstance(result, (tuple, list)) else (result,) * len(node.output)
             for name, value in zip(node.output, results):
                 if name:
                     env[name] = value
@@ -187,6 +187,30 @@ class TorchGraph(torch.nn.Module):
             new = values[t.name].astype(old.dtype).reshape(old.shape)
             out.graph.initializer[i].CopyFrom(numpy_helper.from_array(new, t.name))
         return out
+
+
+def _fuse_fake_quantize(g) -> list:
+    """The graph's nodes with each QuantizeLinear whose every reader is a DequantizeLinear of the same scale and
+    zero point replaced by one fused fake-quantize node writing those readers' outputs (torch's own kernel: the
+    activations' Q -> DQ pairs are most of a quantized graph's extra work)."""
+    readers: dict[str, list] = {}
+    for n in g.node:
+        for x in n.input:
+            readers.setdefault(x, []).append(n)
+    outputs = {o.name for o in g.output}
+    fused, dropped = {}, set()
+    for n in g.node:
+        if n.op_type != "QuantizeLinear" or n.output[0] in outputs:
+            continue
+        rs = readers.get(n.output[0], [])
+        if rs and all(r.op_type == "DequantizeLinear" and list(r.input[1:]) == list(n.input[1:])
+                      and node_attrs(r).get("axis", 1) == node_attrs(n).get("axis", 1)
+                      and not node_attrs(n).get("block_size") for r in rs):
+            fused[id(n)] = helper.make_node("FakeQuantize", list(n.input), [r.output[0] for r in rs],
+                                            name=n.name, **{k: v for k, v in node_attrs(n).items()
+                                                            if k in ("axis", "output_dtype")})
+            dropped.update(id(r) for r in rs)
+    return [fused.get(id(n), n) for n in g.node if id(n) not in dropped]
 
 
 def refuse_unsupported(model: Model) -> None:
@@ -562,6 +586,22 @@ def _quantize_linear(a, x, scale, zp=None):
     return fake_quantize(x, scale, _zero_point(zp), lo, hi, axis, a.get("block_size", 0))
 
 
+def _fake_quantize(a, x, scale, zp=None):
+    """QuantizeLinear then DequantizeLinear in one kernel (the gradient passes where the value does not
+    saturate); one copy per DequantizeLinear that read it."""
+    out_type = a.get("output_dtype", 0) or (_ONNX_OF.get(zp.dtype, TensorProto.UINT8) if zp is not None
+                                            else TensorProto.UINT8)
+    lo, hi = _INT_RANGES[out_type]
+    zp = _zero_point(zp)
+    if x.dtype != torch.float32 or hi - lo > 65535 or scale.requires_grad:  # a trained scale: LSQ-style, unfused
+        y = dequantize(_quantize_linear(a, x, scale, zp), scale, zp, a.get("axis", 1) if scale.numel() > 1 else None)
+    elif scale.numel() == 1:
+        y = torch.fake_quantize_per_tensor_affine(x, scale.reshape(()).float(), zp.reshape(()).int(), lo, hi)
+    else:
+        y = torch.fake_quantize_per_channel_affine(x, scale.float(), zp.int(), a.get("axis", 1) % x.dim(), lo, hi)
+    return y
+
+
 def _dequantize_linear(a, x, scale, zp=None):
     axis = a.get("axis", 1) if scale.dim() and scale.numel() > 1 else None
     return dequantize(x, scale, _zero_point(zp), axis, a.get("block_size", 0))
@@ -650,6 +690,6 @@ OPS: dict[str, Callable] = {
     "MaxPool": _pool("max"), "AveragePool": _pool("avg"),
     "GlobalAveragePool": _global_pool(torch.mean), "GlobalMaxPool": _global_pool(torch.amax),
     "Resize": _resize,
-    "QuantizeLinear": _quantize_linear, "DequantizeLinear": _dequantize_linear,
+    "QuantizeLinear": _quantize_linear, "DequantizeLinear": _dequantize_linear, "FakeQuantize": _fake_quantize,
     "DynamicQuantizeLinear": _dynamic_quantize_linear, "MatMulInteger": _matmul_integer,
 }

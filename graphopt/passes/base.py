@@ -92,6 +92,10 @@ class Pass:
     def run(self, model: Model, ctx: Context) -> PassResult:  # pragma: no cover - interface
         raise NotImplementedError
 
+    def preflight(self, model: Model, inputs: InputSet) -> None:
+        """Raise a GraphoptError before any pass runs when this pass cannot run on this model and these inputs
+        (a missing optional dependency, an input it refuses), so the user hears it before minutes of work."""
+
     def tolerance(self) -> Tolerance:
         """The bound this pass's result must keep against its own input: strict for exact rewrites, a guard
         that catches a broken result for lossy ones (the user's bound is on the pipeline's end result)."""

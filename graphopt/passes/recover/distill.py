@@ -45,15 +45,6 @@ class Rows:
         return {k: v[idx] for k, v in pool.items()}
 
 
-def image_inputs(feed: Feed) -> list[str]:
-    """Inputs that look like images: float [N, C, H, W] with 1-4 channels and at least 16 pixels a side."""
-    return [k for k, v in feed.items() if v.ndim == 4 and v.dtype.kind == "f" and v.shape[1] <= 4
-            and min(v.shape[2:]) >= 16]
-
-
-AUGMENTATIONS = ("crop", "flip", "mix")
-
-
 def augment(feed: Feed, names: list[str], kinds: tuple[str, ...], rng: np.random.Generator) -> Feed:
     """Random resized crops (35-100 % of the area, aspect 3:4-4:3, resized back), horizontal flips, and mixing
     each image with another of the batch (weight 0.5-1 on its own), on the image inputs; others pass through."""
@@ -198,7 +189,7 @@ def train(student, params: list, teacher: Callable[[Feed], dict], next_batch: Ca
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        running += float(loss)
+        running += float(loss.detach())
         seen += 1
         elapsed = time.perf_counter() - started
         if step == 3:
