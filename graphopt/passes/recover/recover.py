@@ -37,11 +37,11 @@ class Recover(Pass):
     steps: int = 400  # step budget
     max_minutes: float = 3.0  # time budget for training (the pipeline's checks come on top)
     lr: float = 1e-4  # AdamW peak learning rate (cosine decay after a short warm-up)
-    weight_decay: float = 0.0
+    weight_decay: float = 0.0  # AdamW decoupled weight decay (towards zero, not towards the original)
     batch_size: int = 32  # rows per step
     train: str = "changed"  # changed: only initializers the rewrite changed or added | all: every float weight
     match: str = "outputs"  # outputs | intermediate: also match up to 8 tensors present in both graphs
-    intermediate_weight: float = 1.0
+    intermediate_weight: float = 1.0  # weight of the matched intermediates in the loss, beside the outputs
     temperature: float = 1.0  # softening of class scores in the KL loss
     # auto: crop,flip on photo-sized image inputs (>= 64 pixels a side), none on small ones (measured on Fashion-MNIST
     # 28x28: crops and mixing hurt) | none | a comma list of crop, flip, mix
