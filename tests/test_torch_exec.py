@@ -311,6 +311,9 @@ OP_CASES = [
     ("Tile", [(2, 3)], {}, [("r", np.array([2, 1], I64))]),
     ("Einsum", [(2, 3, 4), (2, 4, 5)], {"equation": "bij,bjk->bik"}, []),
     ("Concat", [(2, 3), (2, 1)], {"axis": 1}, []),
+    ("Softmax", [(2, 3, 4)], {"axis": 1}, [], 1, 11),  # opset < 13: over the 2-D flattening
+    ("LogSoftmax", [(2, 3, 4)], {}, [], 1, 11),
+    ("Resize", [(1, 2, 3, 4)], {"mode": "nearest"}, [("s", np.array([1, 1, 2, 3], np.float32))], 1, 10),
     ("Gelu", [(3, 4)], {"approximate": "tanh"}, [], 1, 20),
     ("Gelu", [(3, 4)], {}, [], 1, 20),
     ("PRelu", [(2, 3, 4)], {}, [("slope", np.array([0.1, 0.2, 0.3], np.float32).reshape(3, 1))]),

@@ -119,6 +119,10 @@ class TorchGraph(torch.nn.Module):
         self.params = torch.nn.ParameterList(params)
         self.nodes = _fuse_fake_quantize(g)
         self._attrs = [node_attrs(n) for n in self.nodes]
+        if model.opset < 13:  # older semantics some rules need: Softmax over a 2-D flattening, Resize(x, scales)
+            for node, attrs in zip(self.nodes, self._attrs):
+                if node.op_type in ("Softmax", "LogSoftmax", "Resize"):
+                    attrs["_opset"] = model.opset
         self.output_names = [o.name for o in g.output]
         self.input_names = [i.name for i in g.input if i.name not in inits]
 
@@ -331,7 +335,10 @@ def _layer_norm(a, x, scale, bias=None):
 
 
 def _batch_norm(a, x, scale, bias, mean, var):
-    return F.batch_norm(x, mean, var, scale, bias, training=False, eps=a.get("epsilon", 1e-5))
+    # written out rather than F.batch_norm, whose running statistics cannot take gradients (all four train)
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    inv = scale / torch.sqrt(var + a.get("epsilon", 1e-5))
+    return (x - mean.reshape(shape)) * inv.reshape(shape) + bias.reshape(shape)
 
 
 def _reduce(fn):
@@ -465,6 +472,9 @@ def _global_pool(fn):
 
 
 def _resize(a, x, roi=None, scales=None, sizes=None):
+    if a.get("_opset", 13) < 11:  # Resize-10: (x, scales), asymmetric coordinates
+        roi, scales, a = None, roi, {**a, "coordinate_transformation_mode": b"asymmetric",
+                                     "nearest_mode": b"floor"}
     mode = a.get("mode", b"nearest").decode()
     ctm = a.get("coordinate_transformation_mode", b"half_pixel").decode()
     nd = x.dim() - 2
@@ -505,6 +515,9 @@ def _cast(a, x):
 
 def _softmax(fn):
     def rule(a, x):
+        if a.get("_opset", 13) < 13:  # opset < 13: over the 2-D flattening at axis (default 1)
+            axis = a.get("axis", 1) % x.dim()
+            return fn(x.reshape(math.prod(x.shape[:axis]), -1), dim=1).reshape(x.shape)
         return fn(x, dim=a.get("axis", -1))
     return rule
 
