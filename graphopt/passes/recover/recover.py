@@ -15,6 +15,7 @@ from onnx import numpy_helper
 from ...core.calibration import load_samples
 from ...core.errors import UsageError
 from ...core.model import Model
+from ...core.numerics import Tolerance
 from ...core.runtime import Feed, make_session
 from ...core.shapes import tensor_infos
 from ..base import Context, Decision, Pass, PassResult, register
@@ -78,6 +79,11 @@ class Recover(Pass):
         if self.augment == "none":
             return ()
         return tuple(a.strip() for a in self.augment.replace("+", ",").split(",") if a.strip())
+
+    def tolerance(self) -> Tolerance:
+        """No fixed bound: the pipeline holds the result to "closer to the original than its input was" (a
+        recovery from a badly broken model can help a lot and still sit outside the lossy guard); NaN/Inf fail."""
+        return Tolerance()
 
     def preflight(self, model: Model, inputs) -> None:
         from ...core import torch_exec  # without torch, its import is the one-line install advice
