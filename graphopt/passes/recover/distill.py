@@ -119,7 +119,7 @@ def agreement_or_cosine(student: dict, teacher: dict, objective: Objective) -> d
 class Budget:
     steps: int
     seconds: float
-    eval_every: int
+    eval_every: int  # 0: about 20 evaluations over the (re-planned) schedule
     patience: int
 
 
@@ -172,7 +172,7 @@ def train(student, params: list, teacher: Callable[[Feed], dict], next_batch: Ca
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     planned = budget.steps
     warmup = max(1, min(20, planned // 20))
-    running, seen = 0.0, 0
+    running, seen, replanned = 0.0, 0, False
     progress(f"recover: {len(params)} parameter tensors to train; selection loss before {loss0:.4g}"
              + _metric_text(metric0, objective))
     step = 0
@@ -194,11 +194,13 @@ def train(student, params: list, teacher: Callable[[Feed], dict], next_batch: Ca
         elapsed = time.perf_counter() - started
         if step == 3:
             clock = (step, elapsed)  # the first steps are slow (allocations): time the steps after them
-        elif step > 3 and (step % budget.eval_every == 0 or step == 10) and budget.seconds < math.inf:
-            # re-plan the cosine schedule so that it ends inside the time budget (evaluations included)
+        elif step >= 10 and budget.seconds < math.inf:
+            # re-plan the cosine schedule to end inside the time budget (evaluations included in the step time)
             per_step = (elapsed - clock[1]) / (step - clock[0])
-            planned = max(step + 1, min(budget.steps, step + int((budget.seconds - elapsed) / per_step)))
-        if step % budget.eval_every == 0 or step == planned or elapsed >= budget.seconds:
+            planned = max(step, min(budget.steps, step + int((budget.seconds - elapsed) / per_step)))
+            replanned = replanned or planned < budget.steps
+        every = budget.eval_every or max(5, planned // 20)
+        if step % every == 0 or step == planned or elapsed >= budget.seconds:
             sel_loss, metric = evaluate()
             history.curve.append({"step": step, "train_loss": running / seen, "selection_loss": sel_loss,
                                   "selection_metric": metric})
@@ -215,7 +217,8 @@ def train(student, params: list, teacher: Callable[[Feed], dict], next_batch: Ca
             if time.perf_counter() - started >= budget.seconds:
                 history.stopped = "time budget reached"
                 break
-    history.stopped = history.stopped or "step budget reached"
+    history.stopped = history.stopped or (f"time budget reached (schedule re-planned to {planned} of "
+                                          f"{budget.steps} steps)" if replanned else "step budget reached")
     history.steps, history.seconds = step, time.perf_counter() - started
     with torch.no_grad():
         for p, best in zip(params, best_state):

@@ -144,8 +144,7 @@ class Recover(Pass):
         selection_feeds = inputs.for_selection
         selection = [(f, {k: torch.from_numpy(v) for k, v in teacher(f, outputs).items()})
                      for f in _batched(selection_feeds, self.batch_size)]
-        eval_every = self.eval_every or max(5, self.steps // 20)
-        budget = distill.Budget(self.steps, self.max_minutes * 60.0, eval_every, self.patience)
+        budget = distill.Budget(self.steps, self.max_minutes * 60.0, self.eval_every, self.patience)
         ctx.progress(f"recover: {rows.count} training rows" + (f" (+{', '.join(kinds)} augmentation)" if kinds else "")
                      + f", {sum(len(next(iter(f.values()))) for f in selection_feeds)} selection rows"
                      + (" (no selection split: the fit samples)" if not inputs.selection else "")
