@@ -7,6 +7,9 @@ Two levels of checks:
   gave bounds, a pass must also keep the model within them against the original, else it is rolled back;
 - the end result against the original, with the user's bound (default: strict when every pass is exact, the
   guard otherwise).
+A pass judged against the original (`recover`) is compared with the original before and after it, and rolled back
+if it moved the model further away; the lossy passes before it only have to give a valid model without new
+NaN/Inf, and the user's bounds apply from the recovery on.
 Both run on the *verification* samples, which no pass reads; per-pass checks on up to 32 of them, the final
 check on all. Models with dynamic dims are also checked at a second size (see second_size_feeds).
 """
