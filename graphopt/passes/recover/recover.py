@@ -104,7 +104,6 @@ class Recover(Pass):
         inputs = ctx.inputs
         _check_inputs(inputs)
         torch.manual_seed(ctx.seed)
-        torch.set_num_threads(ctx.runtime.intra_op_threads)
         rng = np.random.default_rng(ctx.seed)
         decisions: list[Decision] = []
 
@@ -149,8 +148,13 @@ class Recover(Pass):
                      + f", {sum(len(next(iter(f.values()))) for f in selection_feeds)} selection rows"
                      + (" (no selection split: the fit samples)" if not inputs.selection else "")
                      + (f", matching {len(intermediates)} intermediate tensors" if intermediates else ""))
-        history = distill.train(student, params, teacher, next_batch, selection, objective, budget, self.lr,
-                                self.weight_decay, ctx.progress)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(ctx.runtime.intra_op_threads)  # the same threads as the sessions; restored after
+        try:
+            history = distill.train(student, params, teacher, next_batch, selection, objective, budget, self.lr,
+                                    self.weight_decay, ctx.progress)
+        finally:
+            torch.set_num_threads(threads)
 
         before, best = history.before, history.best
         counters = {"steps": history.steps, "train_seconds": round(history.seconds, 1),
