@@ -544,22 +544,25 @@ def collect_stats(model, tensors: Iterable[str], samples, *, settings: RuntimeSe
     return result
 
 
+def with_outputs(model: Model, names: list[str]) -> Model:
+    """A copy of the model with the named intermediate tensors as extra graph outputs (their dtype from shape
+    inference, float32 where it cannot tell)."""
+    infos = tensor_infos(model.proto)
+    outputs = {o.name for o in model.graph.output}
+    augmented = model.copy()
+    for name in names:
+        if name not in outputs:
+            dtype = infos[name].dtype if name in infos and infos[name].dtype else "float32"
+            elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+            augmented.graph.output.append(helper.make_tensor_value_info(name, elem, None))
+    return augmented
+
+
 def stream_tensors(model: Model, names: list[str], samples, *, settings: RuntimeSettings | None = None):
     """Yield (feed, {name: value}) for every sample, running one copy of the model with the named intermediate
     tensors as extra outputs; nothing is kept between samples. `samples` is an iterable of feeds or a
     CalibrationDataReader."""
-    session = None
-    if names:
-        infos = tensor_infos(model.proto)
-        outputs = {o.name for o in model.graph.output}
-        augmented = model.copy()
-        for name in names:
-            if name not in outputs:
-                dtype = infos[name].dtype if name in infos and infos[name].dtype else "float32"
-                elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
-                augmented.graph.output.append(helper.make_tensor_value_info(name, elem, None))
-        session = make_session(augmented, settings)
-        del augmented
+    session = make_session(with_outputs(model, names), settings) if names else None
     stream = iter(samples.get_next, None) if hasattr(samples, "get_next") else iter(samples)
     for n, feed in enumerate(stream, start=1):
         if session is None:
@@ -575,4 +578,4 @@ def stream_tensors(model: Model, names: list[str], samples, *, settings: Runtime
         yield feed, dict(zip(names, values))
 
 
-__all__ = ["TensorStats", "stream_tensors", "RangeChoice", "StatsMap", "collect_stats", "scale_zero_point", "METHODS"]
+__all__ = ["TensorStats", "stream_tensors", "with_outputs", "RangeChoice", "StatsMap", "collect_stats", "scale_zero_point", "METHODS"]

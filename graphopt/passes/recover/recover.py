@@ -9,10 +9,10 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
-import onnx
 from onnx import numpy_helper
 
 from ...core.calibration import load_samples
+from ...core.capture import stream_tensors, with_outputs
 from ...core.errors import UsageError
 from ...core.model import Model
 from ...core.numerics import Tolerance
@@ -224,8 +224,7 @@ class _Teacher:
     inputs have a fixed batch size runs batch by batch of that size."""
 
     def __init__(self, model: Model, names: list[str], ctx: Context):
-        extra = [n for n in names if n not in set(model.output_names())]
-        self.session = make_session(_with_outputs(model, extra) if extra else model, ctx.runtime)
+        self.session = make_session(with_outputs(model, names), ctx.runtime)
         dims = [i.shape[0] for i in self.session.get_inputs() if i.shape]
         self.fixed = next((d for d in dims if isinstance(d, int) and d > 0), None)
         self.names = names
@@ -238,14 +237,6 @@ class _Teacher:
         return {n: np.concatenate([p[j] for p in parts]) for j, n in enumerate(names)}
 
 
-def _with_outputs(model: Model, names: list[str]) -> Model:
-    """A copy with these float32 tensors as extra outputs."""
-    out = model.copy()
-    for n in names:
-        out.graph.output.append(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None))
-    return out
-
-
 def _shapes(model: Model, feed: Feed) -> dict[str, tuple]:
     """The shape of every float32 tensor the model computes on `feed` (one onnxruntime run with all of them as
     outputs; tensors whose type shape inference cannot tell are left out)."""
@@ -253,8 +244,8 @@ def _shapes(model: Model, feed: Feed) -> dict[str, tuple]:
     outputs = set(model.output_names())
     names = [o for n in model.graph.node for o in n.output if o and o not in outputs
              and infos.get(o) is not None and infos[o].dtype == "float32"]
-    values = make_session(_with_outputs(model, names)).run(names, feed)
-    return {n: v.shape for n, v in zip(names, values)}
+    _, values = next(stream_tensors(model, names, [feed]))
+    return {n: v.shape for n, v in values.items()}
 
 
 def image_inputs(feed: Feed) -> list[str]:
