@@ -443,7 +443,32 @@ def cmd_inspect(args) -> int:
         why = "; ".join(reasons[:2]) + (f" (+{len(reasons) - 2} more)" if len(reasons) > 2 else "")
         groups.add_row(str(g["id"]), size, producers, why or "[green]prunable[/green]")
     console.print(groups)
+    _print_layermerge(console, info["layermerge"])
     return 0
+
+
+def _print_layermerge(console, lm: dict) -> None:
+    """Positions, skips, breaks and valid spans: what the layermerge pass may merge."""
+    from rich.table import Table
+
+    for i, chain in enumerate(lm["chains"]):
+        table = Table(title=f"layermerge chain {i} (input {chain['input']}): positions")
+        for col in ("pos", "conv", "kernel/stride", "channels", "skip from", "activation", "break after"):
+            table.add_column(col)
+        for u in chain["units"]:
+            k, s = u["kernel"], u["stride"]
+            skip = "-" if u["skip_from"] is None else str(u["skip_from"]) + (" (projection)" if u["projection"]
+                                                                             else "")
+            if u["external_add"]:
+                skip = "outside the chain"
+            table.add_row(str(u["position"]), u["conv"], f"{k[0]}x{k[1]}/{s[0]}" + (" dw" if u["depthwise"] else ""),
+                          f"{u['channels'][0]}->{u['channels'][1]}", skip, u["activation"] or "-",
+                          chain["breaks"].get(str(u["position"]), ""))
+        console.print(table)
+        spans = " ".join(f"({a},{b}]" for a, b in chain["spans"]) or "none"
+        console.print(f"valid spans of two or more units: {spans}")
+    for note in lm["notes"]:
+        console.print(f"layermerge: {note}")
 
 
 def inspect_model(model: Model) -> dict:
@@ -459,7 +484,16 @@ def inspect_model(model: Model) -> dict:
             "inputs": [tensor(n) for n in model.input_names()],
             "outputs": [tensor(n) for n in model.output_names()],
             "op_counts": dict(model.op_counts()), "graph": dg.summary(),
-            "channel_groups": _channel_groups(model)}
+            "channel_groups": _channel_groups(model), "layermerge": _layermerge_structure(model)}
+
+
+def _layermerge_structure(model: Model) -> dict:
+    from .passes.layermerge.spans import find_structure
+
+    try:
+        return find_structure(model).summary()
+    except Exception as exc:  # the listing is informative: never let it break inspect
+        return {"chains": [], "notes": [f"span analysis failed: {type(exc).__name__}: {exc}"], "multi_unit_spans": 0}
 
 
 def _channel_groups(model: Model) -> list[dict]:

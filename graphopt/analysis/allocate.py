@@ -4,7 +4,8 @@ distortion while the summed cost (latency, bytes, MACs, parameters) stays within
 This is the multiple-choice knapsack problem. `allocate` solves it exactly with scipy's MILP solver (HiGHS);
 `allocate_dp` solves it by dynamic programming over a discretised cost axis and is used to cross-check the MILP
 and where scipy is unavailable. Sites that must take the same choice (tensors sharing a scale, branches of a
-residual join) are merged first with `tie`.
+residual join) are merged first with `tie`. `allocate_segments` is the segment form (LayerMerge): options replace
+whole stretches of a sequence, and the chosen stretches must cover it once.
 """
 
 from __future__ import annotations
@@ -216,3 +217,92 @@ def allocate_dp(sites: Sequence[SiteOptions], budget: float, resolution: int = 2
 def _result(choice: dict[str, Option], budget: float, method: str, members) -> Allocation:
     return Allocation(choice, sum(o.cost for o in choice.values()), sum(o.distortion for o in choice.values()),
                       budget, method, dict(members or {}))
+
+
+# ------------------------------------------------------------------------------------------------ segment DP
+@dataclass(frozen=True)
+class Segment:
+    """A stretch (start, end] of a sequence of positions that one option replaces as a whole (LayerMerge's span)."""
+
+    start: int
+    end: int
+    options: tuple[Option, ...]
+
+    def __post_init__(self):
+        if not self.start < self.end:
+            raise UsageError(f"segment ({self.start}, {self.end}] is empty")
+        if not self.options:
+            raise UsageError(f"segment ({self.start}, {self.end}] has no options")
+
+
+@dataclass
+class SegmentAllocation:
+    choice: list[tuple[Segment, Option]]  # in order along the sequence, covering it exactly
+    cost: float
+    distortion: float
+    budget: float
+    resolution: int
+
+
+def allocate_segments(length: int, segments: Sequence[Segment], budget: float,
+                      resolution: int | None = None) -> SegmentAllocation:
+    """Cover positions 0..length with consecutive segments, one option each, minimising the summed distortion with
+    the summed cost within `budget` (LayerMerge's DP: best[end][t] = min over segments (st, end] and their options
+    of best[st][t - cost] + distortion).
+
+    Costs are rounded up to steps of budget / resolution, so every answer is within budget; the default resolution
+    gives at most 0.1 % of the budget of rounding over the whole cover, so rounding does not decide it."""
+    if length < 1:
+        raise UsageError("nothing to allocate: no positions")
+    if not np.isfinite(budget) or budget <= 0:
+        raise UsageError(f"budget must be a positive finite number, got {budget}")
+    ending: dict[int, list[Segment]] = {}
+    for s in segments:
+        if s.start < 0 or s.end > length:
+            raise UsageError(f"segment ({s.start}, {s.end}] lies outside 0..{length}")
+        ending.setdefault(s.end, []).append(s)
+    cheapest = np.full(length + 1, np.inf)  # cheapest cover of 0..j, ignoring distortion
+    cheapest[0] = 0.0
+    for end in range(1, length + 1):
+        for s in ending.get(end, []):
+            cheapest[end] = min(cheapest[end], cheapest[s.start] + min(o.cost for o in s.options))
+    if not np.isfinite(cheapest[length]):
+        raise UsageError(f"the segments do not cover positions 0..{length}")
+    if cheapest[length] > budget * (1 + 1e-12):
+        raise BudgetInfeasible(budget, float(cheapest[length]))
+    resolution = resolution or max(4000, 1000 * length)
+    step = budget / resolution
+    cap = resolution
+    inf = np.inf
+    best = np.full((length + 1, cap + 1), inf)  # best[j][t]: least distortion covering 0..j at rounded cost t
+    best[0, 0] = 0.0
+    pick = np.full((length + 1, cap + 1, 3), -1, dtype=np.int64)  # (segment index, option index, previous cost)
+    index = {id(s): i for i, s in enumerate(segments)}
+    for end in range(1, length + 1):
+        for s in ending.get(end, []):
+            for j, o in enumerate(s.options):
+                w = int(np.ceil(o.cost / step - 1e-9))
+                if w > cap:
+                    continue
+                cand = np.full(cap + 1, inf)
+                cand[w:] = best[s.start, :cap + 1 - w] + o.distortion
+                better = cand < best[end]
+                if better.any():
+                    best[end, better] = cand[better]
+                    pick[end, better] = (index[id(s)], j, 0)
+                    ts = np.nonzero(better)[0]
+                    pick[end, ts, 2] = ts - w
+    t = int(np.argmin(best[length]))
+    if not np.isfinite(best[length, t]):  # the rounding alone pushed every cover over the budget
+        raise BudgetInfeasible(budget, float(cheapest[length]),
+                               f"no cover meets the budget {budget:.6g} at resolution {resolution}; the cheapest "
+                               f"reachable is {cheapest[length]:.6g}")
+    chosen, end = [], length
+    while end > 0:
+        si, oi, prev = pick[end, t]
+        seg = segments[int(si)]
+        chosen.append((seg, seg.options[int(oi)]))
+        end, t = seg.start, int(prev)
+    chosen.reverse()
+    return SegmentAllocation(chosen, sum(o.cost for _, o in chosen), sum(o.distortion for _, o in chosen), budget,
+                             resolution)

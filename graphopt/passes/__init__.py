@@ -6,6 +6,7 @@ from .qdq.qdq import QDQ
 from .lowrank.lowrank import LowRank
 from .prune.prune import Prune
 from .recover.recover import Recover
+from .layermerge.layermerge import LayerMerge
 
 __all__ = ["REGISTRY", "Context", "Decision", "Pass", "PassResult", "create", "parse_pass_spec", "register",
-           "DEFAULT_RECIPE", "LowRank", "Prune", "QDQ", "Recover", "FoldBatchNorm", "FoldConstants", "RemoveDead", "RemoveIdentity"]
+           "DEFAULT_RECIPE", "LayerMerge", "LowRank", "Prune", "QDQ", "Recover", "FoldBatchNorm", "FoldConstants", "RemoveDead", "RemoveIdentity"]

@@ -112,6 +112,12 @@ class Pass:
         return f"{self.name}:{args}" if args else self.name
 
 
+def progress_bar(done: int, total: int, width: int = 20) -> str:
+    """`[#####.....]` for progress messages of long steps."""
+    filled = int(width * done / max(1, total))
+    return "[" + "#" * filled + "." * (width - filled) + "]"
+
+
 REGISTRY: dict[str, type[Pass]] = {}
 
 

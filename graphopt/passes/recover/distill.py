@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ...core.runtime import Feed
+from ..base import progress_bar
 
 
 # --- data -------------------------------------------------------------------------------------------------------
@@ -204,7 +205,7 @@ def train(student, params: list, teacher: Callable[[Feed], dict], next_batch: Ca
             sel_loss, metric = evaluate()
             history.curve.append({"step": step, "train_loss": running / seen, "selection_loss": sel_loss,
                                   "selection_metric": metric})
-            progress(f"recover: step {step}/{planned} {_bar(step, planned)} train loss {running / seen:.4g}, "
+            progress(f"recover: step {step}/{planned} {progress_bar(step, planned)} train loss {running / seen:.4g}, "
                      f"selection loss {sel_loss:.4g}" + _metric_text(metric, objective))
             running, seen = 0.0, 0
             if sel_loss < best_loss:
@@ -224,11 +225,6 @@ def train(student, params: list, teacher: Callable[[Feed], dict], next_batch: Ca
         for p, best in zip(params, best_state):
             p.copy_(best)
     return history
-
-
-def _bar(step: int, total: int, width: int = 20) -> str:
-    done = int(width * step / max(1, total))
-    return "[" + "#" * done + "." * (width - done) + "]"
 
 
 def _metric_text(metric: dict, objective: Objective) -> str:
