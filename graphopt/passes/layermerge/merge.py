@@ -6,10 +6,10 @@ two with the same stride add (a residual join), and a 1x1 identity is the identi
 gets +1 when it is folded. Depthwise kernels are expanded to dense diagonal ones and come back as depthwise when
 the result is still diagonal.
 
-Composition is exact wherever the first map's output is not padded by the second, i.e. exact everywhere when
-every map after the first has zero padding (k x k -> 1x1 always), and exact only in the interior otherwise: the
-original pads the intermediate tensor with zeros, the merged conv pads the input (so a bias, or the first conv's
-response to the border, no longer sees zeros). `border_exact` says which case a span is in.
+Composition is exact in the interior always, and at the border too when no conv after the first pads a tensor
+that is not zero where the merged conv's padding is (k x k -> 1x1 always is): the original pads the intermediate
+tensor with zeros, the merged conv pads the input, so a bias, or the first conv's response to the border, no
+longer sees zeros. `border_exact` says which case a span is in.
 """
 
 from __future__ import annotations
@@ -126,17 +126,36 @@ def compose_span(chain: Chain, st: int, end: int) -> ConvMap:
     """The linear map from position st to the pre-activation output of position end with every activation in
     between removed and the shortcuts inside the span folded in. A skip from outside the span (its Add at `end`) is
     not part of the map: the merged conv keeps that Add after it."""
+    return _compose(chain, st, end)[0]
+
+
+def border_exact(chain: Chain, st: int, end: int) -> bool:
+    """Whether the composition is exact at the border too: every padded conv reads a tensor whose padding ring the
+    merged conv reproduces, i.e. everything before it in the span maps zeros to zeros pixel by pixel (a 1x1 map
+    with no padding and no bias). So k x k -> 1x1 is exact, 3x3 p1 -> 3x3 p1 and 1x1 (with a bias) -> 3x3 p1 are
+    exact only in the interior."""
+    return _compose(chain, st, end)[1]
+
+
+def _compose(chain: Chain, st: int, end: int) -> tuple[ConvMap, bool]:
     maps: dict[int, ConvMap] = {st: ConvMap.identity(chain.units[st].conv.cin)}
+    exact = True
     for t in range(st + 1, end + 1):
         u = chain.units[t - 1]
-        m = maps[t - 1].then(ConvMap.of(u.conv))
+        before = maps[t - 1]
+        if any(u.conv.pads) and (before.kernel != (1, 1) or any(before.pads) or before.bias.any()):
+            exact = False
+        m = before.then(ConvMap.of(u.conv))
         if u.skip_from is not None and u.skip_from >= st:
             shortcut = maps[u.skip_from]
             if u.projection is not None:
+                if any(u.projection.pads) and (shortcut.kernel != (1, 1) or any(shortcut.pads)
+                                               or shortcut.bias.any()):
+                    exact = False
                 shortcut = shortcut.then(ConvMap.of(u.projection))
             m = m.plus(shortcut)
         maps[t] = m
-    return maps[end]
+    return maps[end], exact
 
 
 def centre(m: ConvMap, kernel: tuple[int, int]) -> ConvMap | None:
@@ -149,12 +168,6 @@ def centre(m: ConvMap, kernel: tuple[int, int]) -> ConvMap | None:
         return None
     w = m.weight[:, :, ch:ch + kernel[0], cw:cw + kernel[1]]
     return ConvMap(np.ascontiguousarray(w), m.bias.copy(), m.strides, pads)
-
-
-def border_exact(chain: Chain, st: int, end: int) -> bool:
-    """Whether composing the whole span is exact at the border too: every conv after the first has zero padding
-    (then no intermediate tensor is ever padded)."""
-    return not any(any(u.conv.pads) for u in chain.units[st + 1:end])
 
 
 def plans_for(chain: Chain, st: int, end: int, max_kernel: int) -> list[MergePlan]:

@@ -220,6 +220,9 @@ def find_structure(model: Model, max_units: int = 6) -> Structure:
             out = dg.node(reader).output[0]
         unit.pre_act = out
         reader = _single_reader(dg, out)
+        if reader is not None and dg.op_type(reader) == "BatchNormalization":
+            notes.append(f"{name} feeds BatchNormalization {reader}: fold it first (--pass fold_batchnorm) so that the "
+                         "conv and its activation form one position")
         if reader is not None and _is_activation(dg, reader):
             unit.act = reader
             out = dg.node(reader).output[0]
