@@ -164,6 +164,12 @@ class Report:
                 console.print(f"  {p.name}: {a.name} against the original on {a.samples} verification samples: "
                               f"{moved}cosine {b.cosine:.4f} -> {a.cosine:.4f}, rel L2 {b.rel_l2:.3g} -> "
                               f"{a.rel_l2:.3g}" + ("" if p.status == "applied" else f" ({p.status})"), markup=False)
+        changed = [(p.name, d) for p in self.passes for d in p.decisions
+                   if d.action not in ("kept", "skipped", "frozen", "fp32", "float")]
+        for name, d in changed[:12]:
+            console.print(f"  {name}: {d.action} {d.site}: {d.reason}", markup=False)
+        if len(changed) > 12:
+            console.print(f"  ... {len(changed) - 12} more decisions in the JSON report", markup=False)
         skipped = [(p.name, d) for p in self.passes for d in p.decisions if d.action == "skipped"]
         for name, d in skipped[:20]:
             console.print(f"  [dim]{name}: skipped {d.site}: {d.reason}[/dim]")

@@ -158,7 +158,10 @@ class LayerMerge(Pass):
                     "speedup": round(best.get("speedup", 1.0), 3),
                     "predicted_distortion": round(sum(c.distortion for c in chosen), 6),
                     "table_entries": len(candidates), "latency_cache_hits": table.hits,
-                    "latency_timed": table.misses}
+                    "latency_timed": table.misses,
+                    "latency_table_error": round(float(np.mean([abs(p["latency_error"]) for p in probes])), 4),
+                    "distortion_table_ratio": round(best["selection_distortion"] / max(best["table_distortion"],
+                                                                                       1e-12), 3)}
         decisions = []
         for c in chosen:
             if c.kind == "keep" and c.end - c.st == 1:
@@ -353,7 +356,10 @@ class LayerMerge(Pass):
             predicted = (keep_ms + rest) / (alloc.cost + rest)
             distortion = output_distortion(reference, run(session, selection), scores)
             probes.append({"predicted_speedup": round(predicted, 3), "speedup": round(speedup, 3),
-                           "original_ms": round(lat[0].median_ms, 4), "measured_ms": round(lat[1].median_ms, 4),
+                           "table_ms": round(alloc.cost + rest, 4), "original_ms": round(lat[0].median_ms, 4),
+                           "measured_ms": round(lat[1].median_ms, 4),
+                           # how far the sum of the table entries is from the whole model, measured now
+                           "latency_error": round(lat[1].median_ms / (alloc.cost + rest) - 1, 4),
                            "table_distortion": round(sum(c.distortion for c in chosen), 6),
                            "selection_distortion": round(distortion, 6),
                            "spans_changed": sum(c.kind != "keep" for c in chosen)})
