@@ -339,6 +339,29 @@ def test_random_chains_every_span_builds_and_exact_plans_are_exact(spec):
                 np.testing.assert_allclose(out, ref[name], atol=1e-4, rtol=1e-4)
 
 
+def test_dropped_block_keeps_its_position_name_for_the_next_span():
+    m = chain_model(4, 8, [dict(cout=4, k=3, act="Relu"), dict(cout=4, k=1), dict(cout=4, k=1, skip=1),
+                           dict(cout=4, k=1), dict(cout=5, k=1, act="Relu")])
+    s = find_structure(m)
+    c = s.chains[0]
+    conv = centre(compose_span(c, 3, 5), (1, 1))
+    new = apply(m, s.chains, [Replacement(0, 1, 3, "drop"), Replacement(0, 3, 5, "merge", conv, False)])
+    assert c.position(3) in {o for n in new.graph.node for o in n.output}
+    # the result is the original with the residual branch removed, then the exact merge
+    without_branch = chain_model(4, 8, [dict(cout=4, k=3, act="Relu"), dict(cout=4, k=1),
+                                        dict(cout=5, k=1, act="Relu")])
+    for name in ("w1", "b1"):
+        dict((t.name, t) for t in without_branch.graph.initializer)[name].CopyFrom(m.initializers()[name])
+    for src, dst in (("w4", "w2"), ("b4", "b2"), ("w5", "w3"), ("b5", "b3")):
+        t = dict((t.name, t) for t in without_branch.graph.initializer)[dst]
+        t.CopyFrom(m.initializers()[src])
+        t.name = dst
+    feed = feed_for(m)
+    a = run(make_session(new), [feed])[0]
+    b = run(make_session(without_branch), [feed])[0]
+    np.testing.assert_allclose(next(iter(a.values())), next(iter(b.values())), atol=1e-4, rtol=1e-4)
+
+
 # ----------------------------------------------------------------------------------------------------- DP
 def _brute_force(length, segments, budget):
     best = None

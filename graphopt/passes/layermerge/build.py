@@ -13,7 +13,7 @@ import onnx
 from onnx import helper
 
 from ...core.editing import add_initializer, all_names, drop_stale_value_info, drop_unused_initializers, \
-    live_tensors, replace_input, unique_name
+    live_tensors, unique_name
 from ...core.model import Model
 from .merge import ConvMap
 from .spans import Chain
@@ -58,7 +58,6 @@ def apply(model: Model, chains: list[Chain], replacements: list[Replacement]) ->
     by_name = {n.name: n for n in g.node}
     gone: set[str] = set()
     inserts: dict[str, list[onnx.NodeProto]] = {}  # first removed node of a span -> new nodes in its place
-    renames: list[tuple[str, str]] = []
     for r in replacements:
         c = chains[r.chain]
         removed, keep_add, keep_act = _span_nodes(c, r.st, r.end)
@@ -68,10 +67,8 @@ def apply(model: Model, chains: list[Chain], replacements: list[Replacement]) ->
         if r.kind == "drop":
             if keep_act:
                 by_name[keep_act].input[0] = x
-            elif y in {o.name for o in g.output}:
+            else:  # the position keeps its name (later spans and reports refer to it); onnxruntime elides this
                 inserts[anchor] = [helper.make_node("Identity", [x], [y], name=unique_name(f"{y}_identity", taken))]
-            else:
-                renames.append((y, x))
             continue
         w = r.conv
         name = unique_name(f"merged_{c.units[r.st].conv.node}_to_{c.units[r.end - 1].conv.node}", taken)
@@ -101,8 +98,6 @@ def apply(model: Model, chains: list[Chain], replacements: list[Replacement]) ->
             nodes.append(n)
     del g.node[:]
     g.node.extend(nodes)
-    for old, new in renames:
-        replace_input(g, old, new)
     _drop_dead(g)
     drop_unused_initializers(g)
     drop_stale_value_info(g)
