@@ -166,33 +166,29 @@ class LayerMerge(Pass):
 
     # ------------------------------------------------------------------------------------------ candidates
     def _candidates(self, structure: Structure, shapes: dict) -> list[Candidate]:
+        """Per span: keep (one unit as it is), merge (per plan, menu=merge; only exact plans, menu=exact) and drop
+        (a whole residual block with an identity shortcut; menus merge and blocks)."""
         out = []
         for span in structure.spans:
             c = structure.chains[span.chain]
             st, end = span.st, span.end
+            base = _span_macs(c, st, end, shapes)
             if end - st == 1:
-                out.append(Candidate(span.chain, st, end, "keep", macs=_span_macs(c, st, end, shapes)))
-            if self.menu == "blocks" or (end - st == 1 and self.menu == "exact"):
-                pass
-            else:
-                base = _span_macs(c, st, end, shapes)
+                out.append(Candidate(span.chain, st, end, "keep", macs=base))
+            if self.menu != "blocks":
                 full = compose_span(c, st, end)
                 for plan in plans_for(c, st, end, self.max_kernel):
-                    if end - st == 1 and plan.kernel == c.units[st].conv.kernel:
-                        continue  # the unit as it is: the keep candidate
-                    if self.menu == "exact" and not plan.exact:
-                        continue
+                    if (end - st == 1 and plan.kernel == c.units[st].conv.kernel) or (
+                            self.menu == "exact" and not plan.exact):
+                        continue  # the unit as it is (the keep candidate), or a lossy plan on the exact menu
                     conv = centre(full, plan.kernel)
                     if conv is None:
                         continue
                     macs = _map_macs(conv, plan.depthwise, shapes[c.position(end)])
-                    if macs > self.max_mac_growth * base:
-                        continue
-                    out.append(Candidate(span.chain, st, end, "merge", plan, conv, macs=macs))
-            if self.menu != "exact":
-                for s, t in c.skips():
-                    if (s, t) == (st, end) and c.units[t - 1].projection is None:
-                        out.append(Candidate(span.chain, st, end, "drop"))
+                    if macs <= self.max_mac_growth * base:
+                        out.append(Candidate(span.chain, st, end, "merge", plan, conv, macs=macs))
+            if self.menu != "exact" and (st, end) in c.skips() and c.units[end - 1].projection is None:
+                out.append(Candidate(span.chain, st, end, "drop"))
         return out
 
     def _time(self, model, chains, candidates, shapes, table: LatencyTable, ctx) -> None:
