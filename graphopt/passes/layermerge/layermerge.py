@@ -80,10 +80,10 @@ class LayerMerge(Pass):
     max_kernel: int = 7  # largest merged kernel
     max_mac_growth: float = 4.0  # skip merged convs with more than this many times the span's MACs
     refit: bool = True  # least-squares refit of lossy merged convs to the original span's output
-    ridge: float = 1e-3
+    ridge: float = 1e-3  # ridge strength of the refit, towards the composed kernel, relative to mean diag(X^T X)
     fit_samples: int = 64  # calibration samples for the refit (fewer when their activations would not fit in memory)
-    sensitivity_samples: int = 8  # calibration samples the importance table is measured on
-    refit_rows: int = 16384
+    sensitivity_samples: int = 8  # samples the importance table (fit) and each build (selection) are judged on
+    refit_rows: int = 16384  # output positions x samples per refit
     cache_dir: str | None = None  # where the latency table is cached (default ~/.cache/graphopt)
 
     def __post_init__(self):
