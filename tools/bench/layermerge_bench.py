@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import shlex
 import sys
@@ -553,16 +554,32 @@ def goals(model_name, rows, key, col, speed, targets, floor) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------------------ plot
-def plot(result, model_name: str, path: Path) -> None:
+def plot_points(result, model_name: str) -> dict:
+    """What the plot needs, also kept beside the fp32 export (build/bench/<model>/layermerge_points.json) so that
+    --replot can redraw it without rerunning."""
+    key = METRIC[model_name]
+    col = next(c for c in result.task.columns if c.key == key)
+    rows = {r.name: r for r in result.rows}
+    out = {"model": model_name, "key": key, "header": col.header, "points": []}
+    ref = rows["fp32"].latency.median_ms if rows["fp32"].latency else None
+    out["fp32"] = rows["fp32"].scores.get(key)
+    for name, info in RECORDS.items():
+        r = rows.get(name)
+        if r is None or not r.latency or key not in r.scores or not ref:
+            continue
+        fam = "exact" if name == "layermerge_exact" else info["family"] + ("+recover" if info["recover"] else "")
+        out["points"].append({"name": name, "family": fam, "speedup": ref / r.latency.median_ms,
+                              "value": r.scores[key], "target": info.get("target")})
+    return out
+
+
+def plot(points: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    key = METRIC[model_name]
-    col = next(c for c in result.task.columns if c.key == key)
-    rows = {r.name: r for r in result.rows}
-    ref = rows["fp32"].latency.median_ms if rows["fp32"].latency else None
+    model_name, key = points["model"], points["key"]
     styles = {"layermerge+recover": ("o", "C0", "layermerge + recover (ours)"),
               "layermerge": ("o", "none", "layermerge, refit only"),
               "blocks+recover": ("s", "C1", "depth pruning (blocks) + recover"),
@@ -573,13 +590,9 @@ def plot(result, model_name: str, path: Path) -> None:
     edge = {"layermerge": "C0", "blocks": "C1", "prune": "C2", "exact": "C4"}
     fig, ax = plt.subplots(figsize=(7, 4.6))
     series: dict[str, list] = {}
-    for name, info in RECORDS.items():
-        r = rows.get(name)
-        if r is None or not r.latency or key not in r.scores or not ref:
-            continue
-        fam = "exact" if name == "layermerge_exact" else info["family"] + ("+recover" if info["recover"] else "")
-        series.setdefault(fam, []).append((ref / r.latency.median_ms, r.scores[key] * 100, info.get("target")))
-    fp = rows["fp32"].scores.get(key)
+    for pt in points["points"]:
+        series.setdefault(pt["family"], []).append((pt["speedup"], pt["value"] * 100, pt["target"]))
+    fp = points["fp32"]
     ys_all = [p[1] for pts in series.values() for p in pts] + ([fp * 100] if fp is not None else [])
     lo = min(ys_all) if ys_all else 0.0
     if fp is not None and lo < fp * 100 - 15:  # far-off points (a broken baseline) sit on the bottom edge
@@ -589,10 +602,11 @@ def plot(result, model_name: str, path: Path) -> None:
         marker, face, label = styles[fam]
         pts.sort()
         e = edge[fam.split("+")[0]]
-        for x, y, _ in pts:
-            if y < lo:
-                ax.annotate(f"{y:.1f} %", (x, lo), textcoords="offset points", xytext=(4, 8), fontsize=7, color=e)
-        pts = [(x, max(y, lo + 0.25), t) for x, y, t in pts]
+        clipped = [(x, y, t) for x, y, t in pts if y < lo]
+        for x, y, t in clipped:
+            ax.annotate(f"{y:.1f} % ({t:g}; off scale)" if t else f"{y:.1f} % (off scale)", (x, lo + 0.25),
+                        textcoords="offset points", xytext=(4, 5), fontsize=7, color=e)
+        pts = [(x, y, t) if y >= lo else (x, lo + 0.25, None) for x, y, t in pts]
         xs, ys = [p[0] for p in pts], [p[1] for p in pts]
         ax.plot(xs, ys, linestyle="-" if face != "none" else ":", color=e, alpha=0.5, linewidth=1)
         ax.scatter(xs, ys, marker=marker, facecolors=face if face != "none" else "white", edgecolors=e, s=55,
@@ -600,11 +614,11 @@ def plot(result, model_name: str, path: Path) -> None:
         for x, y, t in pts:
             if t:
                 ax.annotate(f"{t:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7, color=e)
-    if key in rows["fp32"].scores:
-        ax.scatter([1.0], [rows["fp32"].scores[key] * 100], marker="*", s=140, color="k", label="fp32", zorder=4)
+    if fp is not None:
+        ax.scatter([1.0], [fp * 100], marker="*", s=140, color="k", label="fp32", zorder=4)
     ax.set_ylim(bottom=lo)
     ax.set_xlabel("speed-up over fp32 (onnxruntime, batch 1, measured in the table)")
-    ax.set_ylabel(f"{col.header} (%)")
+    ax.set_ylabel(f"{points['header']} (%)")
     ax.set_title(f"{model_name}: layermerge vs depth and channel pruning (labels: target speed-up)", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
@@ -635,8 +649,16 @@ def main(argv=None) -> int:
                    "first layermerge run times every entry)")
     p.add_argument("--out", type=Path)
     p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--replot", type=Path, metavar="JSON", help="only redraw the plot from a run's "
+                   "build/bench/<model>/layermerge_points.json (--out: the .md beside which the .png goes)")
     p.add_argument("--notes", type=Path, help="a markdown file appended to the results")
     args = p.parse_args(argv)
+    if args.replot:
+        points = json.loads(args.replot.read_text())
+        png = (args.out or RESULTS / f"layermerge_{points['model']}.md").with_suffix(".png")
+        plot(points, png)
+        log(f"wrote {png}")
+        return 0
     PASS_THREADS[0], TRAIN_THREADS[0] = args.threads, args.train_threads
     PASS_QUIET[:] = [args.quiet_load, args.pass_quiet_timeout]
     if args.cold_cache:
@@ -661,8 +683,10 @@ def main(argv=None) -> int:
     fix_rows(result, droppable)
     out = args.out or RESULTS / f"layermerge_{args.model}.md"
     png = None if args.no_plot else out.with_suffix(".png")
+    points = plot_points(result, args.model)
+    (fp32_path.parent / "layermerge_points.json").write_text(json.dumps(points, indent=1))
     if png is not None:
-        plot(result, args.model, png)
+        plot(points, png)
         log(f"wrote {png}")
     text = result.markdown(level=1).replace(f"# {args.model}", f"# layermerge: {args.model}", 1)
     text += sections(result, args.model, split[3], droppable, recover_params, png, targets)
