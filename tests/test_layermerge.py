@@ -511,6 +511,10 @@ def test_exact_menu_changes_nothing_it_cannot_reproduce():
         for k in a:
             np.testing.assert_allclose(a[k], b[k], atol=1e-4, rtol=1e-4)
     assert all(r["option"] in ("keep", "merge 1x1 exact") for r in result.details["chosen"])
+    # with nothing exact to merge (an activation after every conv) it keeps everything and says so
+    plain = chain_model(4, 8, [dict(cout=6, k=3, act="Relu"), dict(cout=4, k=3, act="Relu")])
+    result = LayerMerge(menu="exact").run(plain, Context(inputs=inputs, runtime=RuntimeSettings(intra_op_threads=1)))
+    assert not result.changed and result.counters["merged_spans"] == 0
 
 
 # ------------------------------------------------------------------------------------------------ bad input
