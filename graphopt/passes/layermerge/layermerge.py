@@ -316,7 +316,7 @@ class LayerMerge(Pass):
         aim = target or 1e9  # the predicted speed-up asked of the DP; corrected after each build
         probes, met = [], []
         seen = set()
-        for attempt in range(6):
+        for attempt in range(8):
             # fastest only: every option's "distortion" is its cost, so any budget above the original's finds the
             # fastest cover
             budget = 2 * keep_ms + 1e-9 if fastest_only else (keep_ms + rest) / aim - rest
@@ -374,7 +374,10 @@ class LayerMerge(Pass):
                 met.append((distortion, len(probes) - 1, chosen, built))
                 if speedup <= target * 1.05:
                     break
-            aim = max(1.0 + 1e-6, predicted * target / speedup)  # what the tables must promise for `target`
+            # what the tables must promise for `target`: their over-promise so far (geometric mean over the builds,
+            # steadier than the last one alone on a noisy machine), times the target
+            ratios = [p["predicted_speedup"] / p["speedup"] for p in probes]
+            aim = max(1.0 + 1e-6, target * float(np.exp(np.mean(np.log(ratios)))))
         if not met:
             best = max(probes, key=lambda p: p["speedup"]) if probes else None
             reach = f"{best['speedup']:.2f}x measured" if best else "nothing"
