@@ -600,19 +600,17 @@ def plot(points: dict, path: Path) -> None:
         series.setdefault(pt["family"], []).append((pt["speedup"], pt["value"] * 100, pt["target"]))
     fp = points["fp32"]
     ys_all = [p[1] for pts in series.values() for p in pts] + ([fp * 100] if fp is not None else [])
-    lo = min(ys_all) if ys_all else 0.0
-    near = [y for pts in series.values() for _, y, _ in pts if fp is not None and y >= fp * 100 - 15]
-    if fp is not None and lo < fp * 100 - 15 and near:  # far-off points (a broken baseline) sit on the bottom edge
-        lo = fp * 100 - 15
-    lo -= 0.5
+    near = [y for y in ys_all if fp is not None and y >= fp * 100 - 40]
+    # points more than 40 pt below fp32 (a broken model) sit on the bottom edge, labelled, when others are near
+    lo = (min(near) if len(near) > 1 else min(ys_all, default=0.0)) - 0.5
     for fam, pts in series.items():
         marker, face, label = styles[fam]
         pts.sort()
         e = edge[fam.split("+")[0]]
         clipped = [(x, y, t) for x, y, t in pts if y < lo]
-        for x, y, t in clipped:
+        for k, (x, y, t) in enumerate(clipped):
             ax.annotate(f"{y:.1f} % ({t:g}; off scale)" if t else f"{y:.1f} % (off scale)", (x, lo + 0.25),
-                        textcoords="offset points", xytext=(4, 5), fontsize=7, color=e)
+                        textcoords="offset points", xytext=(4, 5 + 9 * k), fontsize=7, color=e)
         pts = [(x, y, t) if y >= lo else (x, lo + 0.25, None) for x, y, t in pts]
         xs, ys = [p[0] for p in pts], [p[1] for p in pts]
         ax.plot(xs, ys, linestyle="-" if face != "none" else ":", color=e, alpha=0.5, linewidth=1)
