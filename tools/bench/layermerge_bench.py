@@ -2,9 +2,11 @@
 residual blocks dropped) and channel pruning at the same measured target speed-up, on the harness's evaluation data.
 
     python tools/bench/layermerge_bench.py --model fashion_resnet --targets 1.5,2.0 --sweep 1.25 \
-        --quiet-load 1.0 --quiet-timeout 180
-    python tools/bench/layermerge_bench.py --model mobilenet_v2 --targets 1.5 --quiet-load 1.0 --quiet-timeout 180
-    python tools/bench/layermerge_bench.py --model mnist_cnn --targets 1.25,1.5,2.0 --quiet-load 1.0
+        --quiet-load 1.0 --quiet-timeout 180 --pass-quiet-timeout 45 --cold-cache
+    python tools/bench/layermerge_bench.py --model mobilenet_v2 --targets 1.5 \
+        --quiet-load 1.0 --quiet-timeout 180 --pass-quiet-timeout 45 --cold-cache
+    python tools/bench/layermerge_bench.py --model mnist_cnn --targets 1.25,1.5,2.0 \
+        --quiet-load 1.0 --quiet-timeout 180 --pass-quiet-timeout 45 --cold-cache
     (--recover 'key=value,...' replaces the model's Recover parameters; --limit N evaluates on the first N
      evaluation samples only (smoke tests); --out PATH; results go to tools/bench/results/layermerge_<model>.md and
      the frontier plot beside it, layermerge_<model>.png)
