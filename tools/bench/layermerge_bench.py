@@ -67,7 +67,7 @@ from bench import contenders as C  # noqa: E402
 from bench import datasets, metrics, tasks  # noqa: E402
 from bench.harness import TWIN, LatencyConfig, log, run_task, wait_for_quiet, write_atomic  # noqa: E402
 from bench.recover_bench import (_cut, _parse_variants, _peak_mb, _reset_peak, _sha, _tree_state,  # noqa: E402
-                                 fashion_split, mobilenet_split)
+                                 fashion_split, mobilenet_split, recording_recover)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TMP = Path(tempfile.mkdtemp(prefix="layermerge_bench_"))
@@ -195,7 +195,6 @@ def _pipeline_row(name: str, family: str, target: float | None, extra: dict, rec
         from graphopt.core.numerics import Tolerance
         from graphopt.core.runtime import RuntimeSettings
         from graphopt.passes import Context, create
-        from graphopt.passes.recover.recover import Recover
         from graphopt.pipeline import Pipeline
 
         CURRENT[0] = name
@@ -209,16 +208,11 @@ def _pipeline_row(name: str, family: str, target: float | None, extra: dict, rec
         passes = [_bench_pass(create(pass_name, params), relaxed=recover_params is None)]
         started = {}
         if recover_params is not None:
-            class _Start(Recover):  # the stock pass; only records the model it starts from
-                def run(self, model, ctx):
-                    started["sha"] = _sha(model)
-                    return super().run(model, ctx)
-
             rp = dict(recover_params)
             if family == "blocks":  # dropping blocks changes no weight: train=changed would have nothing to train
                 rp.setdefault("train", "all")
             rp["train_data"] = str(train_path)
-            passes.append(_Start(**rp))
+            passes.append(recording_recover(started)(**rp))
         _reset_peak()
         t0 = time.perf_counter()
         ctx = Context(inputs=InputSet(fit=list(feeds), selection=list(selection), verification=list(verification)),

@@ -148,6 +148,17 @@ SPLITS = {"fashion_resnet": (fashion_split, 4000), "mobilenet_v2": (mobilenet_sp
 
 
 # ------------------------------------------------------------------------------------------------ contenders
+def recording_recover(started: dict) -> type:
+    """The stock Recover pass, which also records in `started["sha"]` the model it starts from."""
+    from graphopt.passes.recover.recover import Recover
+
+    class _Start(Recover):
+        def run(self, model, ctx):
+            started["sha"] = _sha(model)
+            return super().run(model, ctx)
+    return _Start
+
+
 def _sha(model) -> str:
     h = hashlib.sha256()
     for t in model.graph.initializer:
@@ -166,22 +177,16 @@ def _pipeline_row(name: str, model_name: str, passes_fn, recover_params: dict | 
         from graphopt.core.calibration import InputSet
         from graphopt.core.runtime import RuntimeSettings
         from graphopt.passes import Context
-        from graphopt.passes.recover.recover import Recover
         from graphopt.pipeline import Pipeline
 
         selection, verification, train_path, _ = split
         passes = passes_fn()
         started = {}
         if recover_params is not None:
-            class _Start(Recover):  # the stock pass; only records the model it starts from
-                def run(self, model, ctx):
-                    started["sha"] = _sha(model)
-                    return super().run(model, ctx)
-
             params = dict(recover_params)
             if params.pop("train_data", "yes") != "none":
                 params["train_data"] = str(train_path)
-            passes.append(_Start(**params))
+            passes.append(recording_recover(started)(**params))
         _reset_peak()
         t0 = time.perf_counter()
         ctx = Context(inputs=InputSet(fit=list(feeds), selection=list(selection), verification=list(verification)),
