@@ -37,9 +37,10 @@ _LAZY = {
     "RuntimeSettings": ".core.runtime",
     "Pipeline": ".pipeline",
     "Report": ".report",
+    "TaylorCacheSession": ".passes.taylor_cache", "ddim_sample": ".passes.taylor_cache",
     **{name: ".passes" for name in ("DEFAULT_RECIPE", "REGISTRY", "Context", "Pass", "PassResult", "create",
                                     "parse_pass_spec", "QDQ", "FoldBatchNorm", "FoldConstants", "LowRank", "Prune", "Recover",
-                                    "RemoveDead", "RemoveIdentity")},
+                                    "RemoveDead", "RemoveIdentity", "LayerMerge", "TaylorCache")},
 }
 _SUBPACKAGES = {"core", "analysis", "passes", "pipeline", "report", "recipe", "cli"}
 
@@ -104,4 +105,5 @@ def optimize(model: Model | str | os.PathLike, passes: Sequence[Pass | str] | No
 __all__ = ["__version__", "load", "optimize", "Model", "Pipeline", "Context", "Pass", "PassResult", "Report",
            "Tolerance", "RuntimeSettings", "InputSet", "REGISTRY", "DEFAULT_RECIPE", "QDQ", "Prune", "LowRank", "Recover", "FoldBatchNorm",
            "FoldConstants", "RemoveDead", "RemoveIdentity", "GraphoptError", "InputError", "UsageError",
-           "VerificationError", "resolve_passes", "export", "ExportResult"]
+           "VerificationError", "resolve_passes", "export", "ExportResult", "LayerMerge", "TaylorCache", "TaylorCacheSession",
+           "ddim_sample"]

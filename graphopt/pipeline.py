@@ -23,11 +23,11 @@ from dataclasses import dataclass
 
 import onnx
 
-from .core.calibration import InputSet, describe_feed, second_size_feeds, shapes_text
+from .core.calibration import InputSet, second_size_feeds, shapes_text
 from .core.errors import GraphoptError, InputError, UsageError, VerificationError
 from .core.model import Model
 from .core.numerics import OutputMetrics, Tolerance, compare_outputs
-from .core.runtime import make_session, measure_latencies
+from .core.runtime import make_session
 from .passes.base import DEFAULT_VERIFIER, Context, Pass, PassResult, Verifier
 from .report import ModelStats, PassRecord, Report
 
@@ -111,13 +111,8 @@ class Pipeline:
                                      + "; ".join(f"{r.name}: {r.reason}" for r in lossy) + "): the model is unchanged")
         report.after = ModelStats.of(current)
         if self.measure_latency:
-            feed = ctx.latency_feed(model)
-            report.latency_shape = describe_feed(feed)
-            ctx.progress("measuring latency (original, then optimized) at "
-                         + shapes_text(report.latency_shape))
-            report.latency_before, report.latency_after = measure_latencies(
-                [make_session(model, ctx.runtime), make_session(current, ctx.runtime)], feed,
-                threads=ctx.runtime.intra_op_threads)
+            ctx.progress(f"measuring latency (original, then optimized; {verifier.name})")
+            report.latency_shape, report.latency_before, report.latency_after = verifier.latencies(model, current, ctx)
         report.seconds = time.perf_counter() - started
         applied = [str(r.spec) for r in report.passes if r.status == "applied"]
         return current.with_provenance(applied), report
@@ -160,7 +155,8 @@ class Pipeline:
         # may stray is judged after the recovery
         own = Tolerance() if recovery_follows and not p.exact else p.tolerance()
         record.tolerance = own.describe()
-        problem, candidate_out = checks.validate(result.model)
+        verifier = p.verifier()
+        problem, candidate_out = checks.validate(result.model, verifier)
         if not problem and p.judged_against == "original":
             # against the original, before and after: it must move the model closer, not only stay in the guard
             reference = checks.original_outputs()
@@ -168,11 +164,8 @@ class Pipeline:
             record.metrics = checks.compare_outputs(reference, candidate_out)
             problem = "; ".join(own.violations(record.metrics) + _moved_away(record.metrics_before, record.metrics))
         elif not problem:
-            verifier = p.verifier()
-            if verifier is DEFAULT_VERIFIER:
-                record.metrics = checks.compare_outputs(model_out, candidate_out)
-            else:
-                record.metrics = checks.compare(model, result.model, verifier)
+            reference = model_out if verifier is DEFAULT_VERIFIER else checks.reference_outputs(model, verifier)
+            record.metrics = checks.compare_outputs(reference, candidate_out)
             problem = "; ".join(own.violations(record.metrics))
         if not problem and self.tolerance is not None and not recovery_follows:
             # the user's bound is on the end result: a pass that already breaks it is not kept
@@ -235,15 +228,16 @@ class _Checks:
             self._original_outputs[key] = self.outputs(self.original, DEFAULT_VERIFIER)
         return self._original_outputs[key]
 
-    def validate(self, candidate: Model) -> tuple[str, _Outputs | None]:
-        """Empty string when the candidate is valid ONNX and runs in ORT on both sizes; else why not."""
+    def validate(self, candidate: Model, verifier: Verifier = DEFAULT_VERIFIER) -> tuple[str, _Outputs | None]:
+        """Empty string when the candidate is valid ONNX and runs (as `verifier` runs it) on both sizes; else why
+        not."""
         try:
             if candidate.byte_size() < 2**31:
                 onnx.checker.check_model(candidate.proto)
         except onnx.checker.ValidationError as exc:
             return f"onnx.checker rejected the result: {str(exc).strip().splitlines()[0]}", None
         try:
-            out = self.outputs(candidate, DEFAULT_VERIFIER)
+            out = self.outputs(candidate, verifier)
         except (GraphoptError, ValueError) as exc:
             return f"the result does not run in onnxruntime: {exc}", None
         except Exception as exc:  # ORT session creation errors
@@ -259,15 +253,19 @@ class _Checks:
                                        suffix=f" @ {shapes_text(self.resized[0])}")
         return metrics
 
+    def reference_outputs(self, reference: Model, verifier: Verifier,
+                          limit: int | None = MAX_VERIFY_SAMPLES_PER_PASS) -> _Outputs:
+        """The reference's outputs as `verifier` runs it (the original's computed once)."""
+        if reference is not self.original:
+            return self.outputs(reference, verifier, limit)
+        key = (verifier.name, limit)
+        if key not in self._original_outputs:
+            self._original_outputs[key] = self.outputs(reference, verifier, limit)
+        return self._original_outputs[key]
+
     def compare(self, reference: Model, candidate: Model, verifier: Verifier,
                 limit: int | None = MAX_VERIFY_SAMPLES_PER_PASS) -> list[OutputMetrics]:
-        if reference is self.original:
-            key = (verifier.name, limit)
-            if key not in self._original_outputs:
-                self._original_outputs[key] = self.outputs(reference, verifier, limit)
-            ref = self._original_outputs[key]
-        else:
-            ref = self.outputs(reference, verifier, limit)
+        ref = self.reference_outputs(reference, verifier, limit)
         try:
             return self.compare_outputs(ref, self.outputs(candidate, verifier, limit))
         except ValueError as exc:

@@ -7,6 +7,7 @@ from .lowrank.lowrank import LowRank
 from .prune.prune import Prune
 from .recover.recover import Recover
 from .layermerge.layermerge import LayerMerge
+from .taylor_cache.taylor_cache import TaylorCache
 
 __all__ = ["REGISTRY", "Context", "Decision", "Pass", "PassResult", "create", "parse_pass_spec", "register",
-           "DEFAULT_RECIPE", "LayerMerge", "LowRank", "Prune", "QDQ", "Recover", "FoldBatchNorm", "FoldConstants", "RemoveDead", "RemoveIdentity"]
+           "DEFAULT_RECIPE", "LayerMerge", "TaylorCache", "LowRank", "Prune", "QDQ", "Recover", "FoldBatchNorm", "FoldConstants", "RemoveDead", "RemoveIdentity"]

@@ -8,11 +8,11 @@ from typing import Callable, ClassVar
 
 import numpy as np
 
-from ..core.calibration import InputSet, latency_feed
+from ..core.calibration import InputSet, describe_feed, latency_feed
 from ..core.errors import UsageError
 from ..core.model import Model
 from ..core.numerics import Tolerance, class_score_outputs
-from ..core.runtime import Feed, RuntimeSettings, make_session, run
+from ..core.runtime import Feed, Latency, RuntimeSettings, make_session, measure_latencies, run
 
 
 @dataclass
@@ -65,8 +65,8 @@ class Context:
 
 
 class Verifier:
-    """How the pipeline runs a model to compare it with another: the default is one onnxruntime call per feed,
-    and its outputs are compared. A pass whose result must be judged otherwise (the Taylor cache, on whole sampler
+    """How the pipeline runs a model to compare it with another, and how it times it: the default is one
+    onnxruntime call per feed, and its outputs are compared. A pass whose result must be judged otherwise (the Taylor cache, on whole sampler
     trajectories) brings its own: `outputs` must run the pass's input model and its result alike, and return one
     {name: array} per feed; the pipeline compares those with its bounds."""
 
@@ -74,6 +74,13 @@ class Verifier:
 
     def outputs(self, model: Model, feeds: list[Feed], ctx: Context) -> list[dict[str, np.ndarray]]:
         return run(make_session(model, ctx.runtime), feeds)
+
+    def latencies(self, before: Model, after: Model, ctx: Context) -> tuple[dict, Latency, Latency]:
+        """(what was timed, latency of `before`, of `after`): one call at the latency shape, interleaved."""
+        feed = ctx.latency_feed(before)
+        lat = measure_latencies([make_session(before, ctx.runtime), make_session(after, ctx.runtime)], feed,
+                                threads=ctx.runtime.intra_op_threads)
+        return describe_feed(feed), lat[0], lat[1]
 
 
 DEFAULT_VERIFIER = Verifier()
