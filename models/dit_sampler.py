@@ -71,31 +71,15 @@ def _start(y, seed: int, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray
 def ddim_sample(step_fn: StepFn, y, steps: int = 50, seed: int = 0, guidance: float = 1.0, eta: float = 0.0,
                 shape: tuple[int, ...] = (1, 28, 28), clip_x0: bool = True, null_class: int = NULL_CLASS,
                 callback: Callable[[int, int, np.ndarray], None] | None = None) -> np.ndarray:
-    """DDIM (eta = 0: deterministic given the initial noise). Returns x_0 float32 [B, *shape] in [-1, 1]-ish.
+    """DDIM (eta = 0: deterministic given the initial noise): graphopt's sampler loop (the one shipped with the
+    Taylor cache, graphopt.ddim_sample, which takes a session) over a step function. Returns x_0 [B, *shape].
 
     ``callback(i, t, x)`` (optional) is called before each model call with the step index, timestep and x_t.
     With ``clip_x0`` the predicted x_0 is clipped to [-1, 1] and eps re-derived from it (pixel-space DDIM).
     """
-    ac = alphas_cumprod()
-    x, y, rng = _start(y, seed, shape)
-    ts = timesteps(steps)
-    for i, t in enumerate(ts):
-        if callback is not None:
-            callback(i, int(t), x)
-        a_t = ac[t]
-        a_prev = ac[ts[i + 1]] if i + 1 < len(ts) else 1.0
-        eps = _guided(step_fn, x, int(t), y, guidance, null_class).astype(np.float64)
-        xd = x.astype(np.float64)
-        x0 = (xd - np.sqrt(1.0 - a_t) * eps) / np.sqrt(a_t)
-        if clip_x0:
-            x0 = np.clip(x0, -1.0, 1.0)
-            eps = (xd - np.sqrt(a_t) * x0) / np.sqrt(1.0 - a_t)
-        sigma = eta * np.sqrt((1.0 - a_prev) / (1.0 - a_t) * (1.0 - a_t / a_prev))
-        x_prev = np.sqrt(a_prev) * x0 + np.sqrt(max(1.0 - a_prev - sigma ** 2, 0.0)) * eps
-        if sigma > 0:
-            x_prev = x_prev + sigma * rng.standard_normal(x.shape)
-        x = x_prev.astype(np.float32)
-    return x
+    from graphopt.passes.taylor_cache.ddim import ddim_loop
+
+    return ddim_loop(step_fn, y, steps, seed, guidance, eta, shape, clip_x0, null_class, callback)
 
 
 def ddpm_sample(step_fn: StepFn, y, steps: int = T, seed: int = 0, guidance: float = 1.0,

@@ -14,6 +14,7 @@ Read from the dependency graph only (no node names):
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import networkx as nx
@@ -53,7 +54,7 @@ class BlockStack:
 
     def describe(self) -> str:
         kinds = "+".join(s.kind for s in self.blocks[0].segments)
-        shape = "x".join(str(d) for d in self.stream_shape) if self.stream_shape else "?"
+        shape = "x".join(str(d) if isinstance(d, int) else "N" for d in self.stream_shape) if self.stream_shape else "?"
         ctx = f", conditioning {', '.join(self.context)}" if self.context else ", no conditioning"
         return (f"{len(self.blocks)} identical blocks ({kinds}) on a residual stream of shape {shape}{ctx}; "
                 f"head: {self.head_nodes} nodes")
@@ -167,15 +168,23 @@ def _segment(graph: DependencyGraph, stream_in: str, add: str, branch: str, upst
 
 
 def _signature(graph: DependencyGraph, seg: Segment) -> str:
+    """WL hash of the segment's float computation. Shape arithmetic (integer tensors) is left out: an exporter
+    may compute a shape once in the first block and let the others read it."""
+    def is_float(t: str) -> bool:
+        return (graph.tensor(t).dtype or "float32").startswith(("float", "bfloat"))
+
+    nodes = [n for n in seg.nodes if any(is_float(t) for t in graph.nodes[n].output if t)]
     sub = nx.DiGraph()
-    for n in seg.nodes:
+    for n in nodes:
         data = graph.nx.nodes[n]
         attrs = ",".join(f"{k}={v}" for k, v in sorted(data["attrs"].items()))
         weights = ",".join(str(s) for s in data["weights"].values())
-        outside = sum(1 for t in graph.activation_inputs(n) if graph.producer(t) not in seg.nodes)
+        outside = sum(1 for t in graph.activation_inputs(n) if is_float(t) and graph.producer(t) not in seg.nodes)
         sub.add_node(n, label=f"{data['op_type']}|{attrs}|{weights}|{outside}")
-    sub.add_edges_from((a, b) for a, b in graph.nx.subgraph(seg.nodes).edges)
-    return nx.weisfeiler_lehman_graph_hash(sub, node_attr="label", iterations=3)
+    sub.add_edges_from((a, b) for a, b in graph.nx.subgraph(nodes).edges)
+    with warnings.catch_warnings():  # networkx 3.5 notes that its directed hashes changed: we compare within a run
+        warnings.simplefilter("ignore", UserWarning)
+        return nx.weisfeiler_lehman_graph_hash(sub, node_attr="label", iterations=3)
 
 
 def _best_period(signatures, segments, graph, upstream) -> tuple[int, int, int]:

@@ -101,7 +101,15 @@ class Model:
         return [o.name for o in self.graph.output]
 
     def op_counts(self) -> Counter:
-        return Counter(_op_label(n) for n in self.graph.node)
+        """Nodes per op type, those inside If/Loop/Scan bodies included (a subgraph's work is still work)."""
+        counts: Counter = Counter()
+        pending = [self.graph]
+        while pending:
+            graph = pending.pop()
+            for n in graph.node:
+                counts[_op_label(n)] += 1
+                pending += [a.g for a in n.attribute if a.HasField("g")] + [g for a in n.attribute for g in a.graphs]
+        return counts
 
     def parameter_count(self) -> int:
         return sum(int(np.prod(t.dims)) for t in self.graph.initializer)

@@ -154,8 +154,8 @@ class TaylorCache(Pass):
                     "full_steps": check["full_steps"],
                     "nodes_skipped_on_forecast_steps": sum(len(r.nodes) for r in regs),
                     "state_kib_per_sample_row": round(sum(per_row.values()) / 1024, 1),
-                    "check_final_sample_error": check["final_error"],
-                    "check_mean_step_error": float(np.mean(check["step_errors"]))}
+                    "check_final_sample_error": round(check["final_error"], 5),
+                    "check_mean_step_error": round(float(np.mean(check["step_errors"])), 5)}
         details = {"schedule": self.schedule().to_dict(), "check": check,
                    "stack": stack.describe() if stack else None,
                    "regions": [{"name": r.name, "target": r.target, "base": r.base, "nodes": len(r.nodes)}
@@ -163,8 +163,8 @@ class TaylorCache(Pass):
         return PassResult(cached, True, counters, decisions, details)
 
     def _check(self, model: Model, cached: Model, ctx: Context) -> dict:
-        """Per-step errors of a few trajectories on fit labels: eps of the cached model against the full model's
-        eps on the same x_t (the full trajectory's), and the final samples."""
+        """Errors of a few trajectories on fit labels, from the same noise: per step the cached model's output
+        against the full model's (each along its own trajectory), and the final samples."""
         verifier = self.verifier()
         feeds = (ctx.inputs.fit if ctx.inputs and ctx.inputs.fit else [])[:CHECK_LABELS]
         full_sess = _plain(model, ctx)
