@@ -153,7 +153,7 @@ def lower_if(model: Model, regs: list[Region], ranks: dict[str, int], order: int
         if node.name in producer_of_target:
             r = regs[producer_of_target[node.name]]
             new_nodes.append(_region_if(b, r, [by_name[n] for n in r.nodes], cond, order, ranks[r.target]))
-            outputs.append(_float_input(r.state_out, _state_dims(r.state_out, order, ranks[r.target])))
+            outputs.append(_float_input(r.state_out, [f"{r.state_out}_d{i}" for i in range(ranks[r.target] + 1)]))
         elif node.name not in moved:
             new_nodes.append(node)
         if node.name == gate_producer:
@@ -187,10 +187,15 @@ def _region_if(b: _Builder, r: Region, nodes: list[onnx.NodeProto], cond: str, o
     value = b.forecast(else_nodes, r.state, COEF, order, f"{r.state}.forecast")
     if r.base:
         value = b.node(else_nodes, "Add", [r.base, value], f"{r.state}.forecast.plus_base")
-    else_state = b.node(else_nodes, "Identity", [r.state], f"{r.state}.kept")
+    # a forecast step leaves the factors as they are: it returns an empty state (no copy of the factors) and the
+    # driver keeps the one it fed (taylor.did_full says which)
+    else_state = b.name(f"{r.state}.unchanged")
+    b.graph.initializer.append(numpy_helper.from_array(np.zeros((0,) + (1,) * rank, np.float32), else_state))
+    else_state = b.node(else_nodes, "Identity", [else_state], f"{r.state}.kept")
+
     def outs(value_name: str, state_name: str) -> list[onnx.ValueInfoProto]:
         return [_float_input(value_name, [f"{r.target}_d{i}" for i in range(rank)]),
-                _float_input(state_name, _state_dims(r.state, order, rank))]
+                _float_input(state_name, [f"{r.state}_d{i}" for i in range(rank + 1)])]
 
     then_g = helper.make_graph(then_nodes, f"{r.name}_full", [], outs(full_value, then_state))
     else_g = helper.make_graph(else_nodes, f"{r.name}_forecast", [], outs(value, else_state))

@@ -170,12 +170,14 @@ class TaylorCacheSession:
                 feed[GATE_INV_DELTA] = ginv
         names = [o.name for o in self._session.get_outputs()]
         values = dict(zip(names, self._session.run(None, feed)))
-        for r in self.regions:
-            self.states[r.state] = values[r.state_out]
+        full = bool(values[DID_FULL].reshape(-1)[0])
+        if full:  # a forecast step returns empty states: the factors did not change
+            for r in self.regions:
+                self.states[r.state] = values[r.state_out]
         if self.gate:
             self.states[GATE] = values[GATE + ".next"]
             self.gate_errors.append(float(values[GATE_ERROR]))
-        return values, bool(values[DID_FULL].reshape(-1)[0])
+        return values, full
 
     def _step_split(self, feed: dict):
         i = self.clock.step
