@@ -65,8 +65,8 @@ class TaylorCacheSession:
         self.gate = meta.get("gate")
         self.runtime = runtime or RuntimeSettings(**({"intra_op_threads": threads} if threads else {}))
         g = self.model.graph
-        self._inputs = [_arg(v) for v in g.input if v.name in meta["inputs"]]
-        self._outputs = [_arg(v) for v in g.output if v.name in meta["outputs"]]
+        self._inputs = [node_arg(v) for v in g.input if v.name in meta["inputs"]]
+        self._outputs = [node_arg(v) for v in g.output if v.name in meta["outputs"]]
         if self.lowering in ("if", "lite"):
             self._session = make_session(self.model, self.runtime)
         else:
@@ -244,7 +244,8 @@ def _as_model(model) -> Model:
     raise UsageError(f"TaylorCacheSession takes a path, a graphopt Model or an onnx.ModelProto, not {type(model).__name__}")
 
 
-def _arg(vi: onnx.ValueInfoProto) -> Arg:
+def node_arg(vi: onnx.ValueInfoProto) -> Arg:
+    """onnxruntime's NodeArg fields of a declared graph input or output."""
     tt = vi.type.tensor_type
     elem = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type).name
     type_name = {"float32": "float", "float64": "double"}.get(elem, elem)

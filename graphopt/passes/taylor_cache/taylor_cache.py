@@ -16,15 +16,16 @@ from ...analysis.blocks import BlockStack, NoBlockStack, find_block_stack
 from ...analysis.depgraph import DependencyGraph
 from ...core.calibration import InputSet
 from ...core.editing import has_subgraph
-from ...core.errors import InputError, UsageError
+from ...core.errors import InputError
 from ...core.model import Model
 from ...core.numerics import Tolerance
+from ...core.runtime import make_session
 from ..base import Context, Decision, Pass, PassResult, register
 from .ddim import sampler_roles, timesteps
 from .lower import lower_if, with_meta
 from .plan import LEVELS, Region, regions, targets_for
 from .schedule import Schedule
-from .session import TaylorCacheSession, _arg
+from .session import TaylorCacheSession, node_arg
 from .verify import TrajectoryVerifier
 
 LOWERINGS = ("if", "split", "lite")
@@ -82,7 +83,7 @@ class TaylorCache(Pass):
         if any(has_subgraph(n) for n in model.graph.node):
             raise InputError("the model already has If/Loop/Scan nodes (is it cached already?): taylor_cache "
                              "rewrites plain one-step denoisers")
-        sampler_roles([_arg(v) for v in model.graph.input if v.name not in model.constant_names()])
+        sampler_roles([node_arg(v) for v in model.graph.input if v.name not in model.constant_names()])
         if self.lowering != "lite":
             self.find(model)
 
@@ -167,7 +168,7 @@ class TaylorCache(Pass):
         against the full model's (each along its own trajectory), and the final samples."""
         verifier = self.verifier()
         feeds = (ctx.inputs.fit if ctx.inputs and ctx.inputs.fit else [])[:CHECK_LABELS]
-        full_sess = _plain(model, ctx)
+        full_sess = make_session(model, ctx.runtime)
         cached_sess = TaylorCacheSession(cached, runtime=ctx.runtime)
         if feeds:
             labels, shape = verifier.labels(full_sess, feeds)
@@ -187,12 +188,6 @@ class TaylorCache(Pass):
         return {"labels": len(labels), "full_steps": cached_sess.full_steps, "schedule": cached_sess.history,
                 "step_errors": step_errors, "final_error": final, "state_bytes_per_row": per_row,
                 "gate_errors": cached_sess.gate_errors}
-
-
-def _plain(model: Model, ctx: Context):
-    from ...core.runtime import make_session
-
-    return make_session(model, ctx.runtime)
 
 
 class _Recorder:
