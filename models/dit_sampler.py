@@ -24,6 +24,8 @@ from typing import Callable
 
 import numpy as np
 
+from graphopt.passes.taylor_cache.ddim import ddim_loop, guided_eps
+
 T = 1000
 BETA_START, BETA_END = 1e-4, 0.02
 NULL_CLASS = 10
@@ -49,18 +51,6 @@ def timesteps(steps: int, num_steps: int = T) -> np.ndarray:
     return ts
 
 
-def _guided(step_fn: StepFn, x: np.ndarray, t: int, y: np.ndarray, guidance: float,
-            null_class: int) -> np.ndarray:
-    b = x.shape[0]
-    if guidance == 1.0:
-        return np.asarray(step_fn(x, np.full(b, t, np.float32), y), dtype=np.float32)
-    x2 = np.concatenate([x, x])
-    y2 = np.concatenate([y, np.full(b, null_class, np.int64)])
-    eps = np.asarray(step_fn(x2, np.full(2 * b, t, np.float32), y2), dtype=np.float32)
-    cond, uncond = eps[:b], eps[b:]
-    return uncond + np.float32(guidance) * (cond - uncond)
-
-
 def _start(y, seed: int, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, np.random.Generator]:
     y = np.asarray(y, dtype=np.int64).reshape(-1)
     rng = np.random.default_rng(seed)
@@ -77,8 +67,6 @@ def ddim_sample(step_fn: StepFn, y, steps: int = 50, seed: int = 0, guidance: fl
     ``callback(i, t, x)`` (optional) is called before each model call with the step index, timestep and x_t.
     With ``clip_x0`` the predicted x_0 is clipped to [-1, 1] and eps re-derived from it (pixel-space DDIM).
     """
-    from graphopt.passes.taylor_cache.ddim import ddim_loop
-
     return ddim_loop(step_fn, y, steps, seed, guidance, eta, shape, clip_x0, null_class, callback)
 
 
@@ -95,7 +83,7 @@ def ddpm_sample(step_fn: StepFn, y, steps: int = T, seed: int = 0, guidance: flo
         a_t = ac[t]
         a_prev = ac[ts[i + 1]] if i + 1 < len(ts) else 1.0
         beta = 1.0 - a_t / a_prev
-        eps = _guided(step_fn, x, int(t), y, guidance, null_class).astype(np.float64)
+        eps = guided_eps(step_fn, x, int(t), y, guidance, null_class).astype(np.float64)
         xd = x.astype(np.float64)
         x0 = (xd - np.sqrt(1.0 - a_t) * eps) / np.sqrt(a_t)
         if clip_x0:

@@ -6,6 +6,7 @@ import contextlib
 import datetime as _dt
 import os
 import shutil
+import subprocess
 import sys
 import time
 import traceback
@@ -355,3 +356,17 @@ def write_atomic(path: Path, text: str) -> None:
     from graphopt.core.files import write_text_atomic
 
     write_text_atomic(path, text)
+
+
+def tree_state() -> str:
+    """The commit and the uncommitted edits under graphopt/ this run imported (another engineer edits them)."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "graphopt"], cwd=REPO, capture_output=True,
+                               text=True, check=True).stdout.split("\n")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (git unavailable)"
+    files = [line[3:] for line in dirty if line.strip()]
+    return f"commit {head}" + (f", with uncommitted edits (at the start of the run) in {', '.join(files)}" if files
+                               else ", clean")

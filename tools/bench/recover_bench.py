@@ -51,7 +51,7 @@ if __package__ in (None, ""):  # run as a script: make `bench` and `models` impo
 
 from bench import contenders as C  # noqa: E402
 from bench import datasets, tasks  # noqa: E402
-from bench.harness import LatencyConfig, log, run_task, write_atomic  # noqa: E402
+from bench.harness import LatencyConfig, log, run_task, tree_state, write_atomic  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TMP = Path(tempfile.mkdtemp(prefix="recover_bench_"))
@@ -348,24 +348,7 @@ def register(model_name: str, variants: list[tuple[str, dict]], split, nncf: boo
 
 
 # ------------------------------------------------------------------------------------------------- sections
-def _tree_state() -> str:
-    """The commit and the uncommitted edits under graphopt/ this run imported (another engineer edits them)."""
-    import subprocess
-
-    root = Path(__file__).resolve().parents[2]
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
-                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "graphopt"], cwd=root, capture_output=True,
-                               text=True, check=True).stdout.split("\n")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown (git unavailable)"
-    files = [line[3:] for line in dirty if line.strip()]
-    return f"commit {head}" + (f", with uncommitted edits (at the start of the run) in {', '.join(files)}" if files
-                               else ", clean")
-
-
-TREE = _tree_state()
+TREE = tree_state()
 
 
 def sections(result, split_desc: str) -> str:

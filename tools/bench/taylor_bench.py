@@ -54,7 +54,6 @@ import hashlib
 import json
 import os
 import shlex
-import subprocess
 import sys
 import time
 import traceback
@@ -69,7 +68,7 @@ if __package__ in (None, ""):  # run as a script: make `bench` and `models` impo
 
 from bench import fid as F  # noqa: E402
 from bench.datasets import FASHION_CLASSES  # noqa: E402
-from bench.harness import OtherLoad, log, wait_for_quiet  # noqa: E402
+from bench.harness import OtherLoad, log, tree_state, wait_for_quiet  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -177,20 +176,6 @@ def full_steps_of(sess, spec: Spec):
 # ------------------------------------------------------------------------------------------------ helpers
 def sha(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
-
-
-def tree_state() -> str:
-    """The commit and the uncommitted edits under graphopt/ this run imported (another engineer edits them)."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "graphopt"], cwd=ROOT, capture_output=True,
-                               text=True, check=True).stdout.split("\n")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown (git unavailable)"
-    files = [line[3:] for line in dirty if line.strip()]
-    return f"commit {head}" + (f", with uncommitted edits (at the start of the run) in {', '.join(files)}" if files
-                               else ", clean")
 
 
 def plain_session(path: Path, threads: int):

@@ -55,7 +55,7 @@ def ddim_loop(step_fn: StepFn, labels, steps: int = 50, seed: int = 0, guidance:
             callback(i, int(t), x)
         a_t = ac[t]
         a_prev = ac[ts[i + 1]] if i + 1 < len(ts) else 1.0
-        eps = _guided(step_fn, x, int(t), y, guidance, null_class).astype(np.float64)
+        eps = guided_eps(step_fn, x, int(t), y, guidance, null_class).astype(np.float64)
         xd = x.astype(np.float64)
         x0 = (xd - np.sqrt(1.0 - a_t) * eps) / np.sqrt(a_t)
         if clip_x0:
@@ -69,7 +69,8 @@ def ddim_loop(step_fn: StepFn, labels, steps: int = 50, seed: int = 0, guidance:
     return x
 
 
-def _guided(step_fn: StepFn, x, t: int, y, guidance: float, null_class) -> np.ndarray:
+def guided_eps(step_fn: StepFn, x, t: int, y, guidance: float, null_class) -> np.ndarray:
+    """eps at one step; with classifier-free guidance, conditional and unconditional halves as one batch."""
     b = x.shape[0]
     if guidance == 1.0:
         return np.asarray(step_fn(x, np.full(b, t, np.float32), y), dtype=np.float32)
