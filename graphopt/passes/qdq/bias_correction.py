@@ -47,8 +47,10 @@ def channel_means(model: Model, sites: list[QuantSite], tensors: dict[str, QPara
 
 
 def bias_shifts(model: Model, sites: list[QuantSite], int8: set[str], tensors: dict[str, QParams], samples, *,
-                settings: RuntimeSettings | None = None) -> dict[str, np.ndarray]:
-    """{site: per-output-channel shift to subtract from its float bias} for the int8 sites that have a bias."""
+                settings: RuntimeSettings | None = None,
+                codes: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """{site: per-output-channel shift to subtract from its float bias} for the int8 sites that have a bias
+    (`codes`: int8 weights from another rounding than nearest, as the rewrite will store them)."""
     chosen = [s for s in sites if s.node in int8 and s.bias is not None and s.activation in tensors]
     means = channel_means(model, chosen, tensors, samples, settings=settings)
     inits = model.initializers()
@@ -58,7 +60,8 @@ def bias_shifts(model: Model, sites: list[QuantSite], int8: set[str], tensors: d
         mu, mu_q = means[s.activation]
         w = numpy_helper.to_array(inits[s.weight]).astype(np.float64)
         wq_params = weight_qparams(w.astype(np.float32), s.weight_axis)
-        wq = quantize_weight(w.astype(np.float32), wq_params).astype(np.float64)
+        wq = (codes[s.node] if codes and s.node in codes else
+              quantize_weight(w.astype(np.float32), wq_params)).astype(np.float64)
         shape = [1] * w.ndim
         shape[s.weight_axis] = -1
         wq = wq * wq_params.scale.reshape(shape)

@@ -34,8 +34,9 @@ def dynamic_reason(site: QuantSite, model: Model) -> str:
     return ""
 
 
-def to_dynamic(model: Model, sites: list[QuantSite]) -> Model:
-    """A copy of `model` with every site in `sites` (MatMul/Gemm with constant weights) in dynamic int8."""
+def to_dynamic(model: Model, sites: list[QuantSite], codes: dict[str, np.ndarray] | None = None) -> Model:
+    """A copy of `model` with every site in `sites` (MatMul/Gemm with constant weights) in dynamic int8. `codes`
+    may give a site's int8 weight (stored layout, per-output-channel scales) from another rounding than nearest."""
     out = model.copy()
     g = out.graph
     taken = all_names(g)
@@ -62,15 +63,17 @@ def to_dynamic(model: Model, sites: list[QuantSite]) -> Model:
             quantized_inputs[x] = names
         xq, x_scale, x_zp = quantized_inputs[x]
         w = numpy_helper.to_array(consts[s.weight]).astype(np.float32)
+        q_w = codes.get(s.node) if codes else None
         if s.op_type == "Gemm" and s.weight_axis == 0:  # transB: MatMulInteger wants [K, N]
-            w = w.T
-        if s.op_type == "Gemm":  # MatMulInteger has no alpha: fold it into the weight (a site's C needs alpha 1)
-            w = w * np.float32(node_attrs(node).get("alpha", 1.0))
+            w, q_w = w.T, (q_w.T if q_w is not None else None)
+        alpha = node_attrs(node).get("alpha", 1.0) if s.op_type == "Gemm" else 1.0
+        if alpha != 1.0:  # MatMulInteger has no alpha: fold it into the weight (a site's C needs alpha 1)
+            w, q_w = w * np.float32(alpha), None
         wq = weight_qparams(w, axis=1)
         scale = unique_name(f"{node.name}_scale", taken)
         nodes.append(make("Mul", [x_scale, const(f"{s.weight}_scale", wq.scale)], [scale]))
         acc = unique_name(f"{node.name}_int32", taken)
-        integer = make("MatMulInteger", [xq, const(f"{s.weight}_int8", quantize_weight(w, wq)), x_zp,
+        integer = make("MatMulInteger", [xq, const(f"{s.weight}_int8", q_w if q_w is not None else quantize_weight(w, wq)), x_zp,
                                          const(f"{s.weight}_zp", wq.zero_point)], [acc])
         integer.name = node.name  # the site keeps its name, so the report can say which kernel ORT fused it into
         nodes.append(integer)

@@ -1,10 +1,13 @@
-"""Mixed-precision QDQ: per-site int8 or float, chosen from measured sensitivity and latency under a budget.
+"""Mixed-precision quantization: each site's form chosen from a menu by measured sensitivity and latency.
 
-Steps: find the sites (Conv/MatMul/Gemm with constant weights); calibrate activation ranges by streaming the
-calibration inputs (bounded memory, the range method chosen per tensor); measure each site's sensitivity (output
-distortion on calibration inputs when only that site is int8) and its latency cost (how much slower the all-int8
-model gets when only that site stays float, measured in onnxruntime); let the shared allocator choose the
-least-distortion assignment that meets the latency budget; rewrite; report what onnxruntime actually fused.
+Sites are Conv/MatMul/Gemm with constant weights and Gather over constant tables. The menu per site: static int8
+(QDQ that onnxruntime fuses into QLinearConv/QLinearMatMul/QGemm), dynamic int8 (MatMul/Gemm: the activation
+scale computed per call, DynamicQuantizeMatMul), int4 weight-only (MatMul as MatMulNBits, tables as
+GatherBlockQuantized) and float. Steps: smooth the dynamic-capable sites' inputs where that measures better;
+calibrate activation ranges by streaming the calibration inputs; round the weights (nearest or GPTQ); measure each
+site's distortion in each form alone (on calibration inputs) and each form's latency in onnxruntime; let the shared
+allocator pick the least-distortion assignment within the budget (latency, size or an accuracy target); rewrite;
+report what onnxruntime actually ran.
 """
 
 from __future__ import annotations
@@ -22,14 +25,17 @@ from ...core.numerics import output_distortion as distortion
 from . import smooth
 from .bias_correction import bias_shifts
 from .dynamic import DYNAMIC_OPS, to_dynamic
-from .int4 import BLOCK_SIZE, MIN_OPSET as INT4_OPSET, constant_tables, to_int4, to_opset
+from .int4 import ACCURACY_LEVELS, BLOCK_SIZE, constant_tables, int4_reason, to_int4
 from .sites import MIN_OPSET, QuantSite, find_sites, make_plan, needed_statistics, rewrite
 from ...core.runtime import kernels, make_session, measure_latencies, run
 from ..base import Context, Decision, Pass, PassResult, register
 
-PRECISIONS = ("fp32", "int8")
+FP32, STATIC, DYNAMIC, INT4 = "fp32", "int8", "int8-dynamic", "int4"
+PRECISIONS = (FP32, STATIC, DYNAMIC, INT4)  # the menu; a site offers the forms its op and the settings allow
 MAX_LIVE_SESSIONS = 8  # latency measurement: sessions alive at once (MiniLM: ~90 MB each)
-ACTIVATION_MODES = ("static", "dynamic")
+ACTIVATION_MODES = ("auto", "static", "dynamic")
+ROUNDINGS = ("nearest", "gptq")
+INT4_KERNELS = {"MatMulNBits", "GatherBlockQuantized"}
 INTEGER_KERNELS = {"QLinearConv", "QLinearMatMul", "QGemm", "MatMulIntegerToFloat", "ConvInteger", "MatMulInteger",
                    "DynamicQuantizeMatMul"}
 
@@ -37,26 +43,29 @@ INTEGER_KERNELS = {"QLinearConv", "QLinearMatMul", "QGemm", "MatMulIntegerToFloa
 @register
 @dataclass(frozen=True)
 class QDQ(Pass):
-    """Quantize Conv/MatMul/Gemm sites to int8 where it pays, keep the sensitive ones in float."""
+    """Choose per Conv/MatMul/Gemm/Gather site among float, static int8, dynamic int8 and int4 weight-only."""
 
     name = "qdq"
-    description = "mixed-precision int8 QDQ from measured sensitivity and latency (lossy)"
+    description = "mixed-precision quantization: float / static int8 / dynamic int8 / int4 per site (lossy)"
     exact = False
 
     target_speedup: float | None = None  # latency budget: fp32 latency / target_speedup
-    latency_slack: float = 0.10  # default budget: at most this much slower than the all-int8 model
+    # default budget: at most this much slower than the fastest all-int8 form (static or dynamic, measured)
+    latency_slack: float = 0.10
     max_size_mb: float | None = None  # size budget: the model's serialized size, in MB (10^6 bytes)
-    # "dynamic": MatMul/Gemm sites compute their activation scale at run time (DynamicQuantizeMatMul; Conv stays
-    # static): slower than static, much more accurate where activations have outliers (transformers)
-    activations: str = "static"
-    smoothing: bool = True  # dynamic sites: move activation outliers into the weights where that measures better
-    # size budgets only: also offer int4 weight-only (blocked DequantizeLinear, opset 21) for MatMul weights
-    # (onnxruntime runs MatMulNBits) and constant Gather tables such as embeddings
-    int4: bool = False
+    # a restriction of the menu: "auto" offers MatMul/Gemm sites both static int8 and dynamic int8 (activation scale
+    # computed at run time: DynamicQuantizeMatMul; slower than static where static fuses, much more accurate where
+    # activations have outliers, e.g. transformers); "static" or "dynamic" offers only that one (Conv is static)
+    activations: str = "auto"
+    smoothing: bool = True  # dynamic-capable sites: move activation outliers into the weights where that measures better
+    # int4 weight-only on the menu: MatMul as MatMulNBits, embedding tables as GatherBlockQuantized
+    int4: bool = True
+    int4_accuracy_level: int = 4  # MatMulNBits compute type: 4 rounds activations to int8 per block (fast), 0 fp32
+    rounding: str = "nearest"  # weight rounding: "nearest", or "gptq" (error feedback from the input second moment)
     bias_correction: bool = True  # static int8 sites: restore each output channel's mean (see bias_correction.py)
     calibration_samples: int = 64
     sensitivity_samples: int = 16  # rows (batch entries), not feeds: a batched feed counts as its batch size
-    overrides: str | None = None  # JSON {site: "fp32" | "int8"} applied after the allocation
+    overrides: str | None = None  # JSON {site: "fp32" | "int8" | "int8-dynamic" | "int4"} applied after the allocation
     # Accuracy-target mode: the fastest assignment whose measured metric on the selection samples meets these.
     min_agreement: float | None = None  # top-1 agreement with the original (class-score outputs)
     max_error: float | None = None  # relative L2 error of every output
@@ -74,28 +83,39 @@ class QDQ(Pass):
             raise ValueError(f"max_error must be positive, got {self.max_error}")
         if self.activations not in ACTIVATION_MODES:
             raise ValueError(f"activations must be one of {', '.join(ACTIVATION_MODES)}, got {self.activations!r}")
+        if self.rounding not in ROUNDINGS:
+            raise ValueError(f"rounding must be one of {', '.join(ROUNDINGS)}, got {self.rounding!r}")
+        if self.int4_accuracy_level not in ACCURACY_LEVELS:
+            raise ValueError(f"int4_accuracy_level must be one of {ACCURACY_LEVELS} (MatMulNBits on the CPU: 0 or 1 "
+                             f"fp32, 4 int8 activations), got {self.int4_accuracy_level}")
         if self.max_size_mb is not None and not self.max_size_mb > 0:
             raise ValueError(f"max_size_mb must be positive, got {self.max_size_mb}")
-        if self.int4 and self.max_size_mb is None:
-            raise ValueError("int4 needs a size budget (max_size_mb): on this CPU int4 weights make a model smaller, "
-                             "not faster than int8")
         budgets = [self.target_speedup is not None, self.max_size_mb is not None,
                    self.min_agreement is not None or self.max_error is not None]
         if sum(budgets) > 1:
             raise ValueError("give one budget: a latency budget (target_speedup), a size budget (max_size_mb) "
                              "or an accuracy target (min_agreement / max_error)")
 
+    def menu(self, model: Model, site: QuantSite) -> tuple[str, ...]:
+        """The forms `site` offers, cheapest-to-run int8 form first and float last."""
+        if site.op_type == "Gather":
+            return (INT4, FP32)
+        forms = []
+        if self.activations != "dynamic" or site.op_type not in DYNAMIC_OPS:
+            forms.append(STATIC)
+        if self.activations != "static" and site.op_type in DYNAMIC_OPS:
+            forms.append(DYNAMIC)
+        if self.int4 and not int4_reason(site, model):
+            forms.append(INT4)
+        return (*forms, FP32)
+
     def run(self, model: Model, ctx: Context) -> PassResult:
         if model.opset < MIN_OPSET:
             return PassResult(model, False, decisions=[Decision("model", "skipped",
                                                                 f"opset {model.opset} < {MIN_OPSET}")])
-        decisions = []
-        if self.int4 and model.opset < INT4_OPSET:
-            model = to_opset(model, INT4_OPSET)  # if onnx cannot convert it, the pipeline rolls back with why
-            decisions.append(Decision("model", f"opset {INT4_OPSET}", "converted for int4 DequantizeLinear"))
         sites = find_sites(model)
         usable = [s for s in sites if not s.reason]
-        decisions += [Decision(s.node, "skipped", s.reason) for s in sites if s.reason]
+        decisions = [Decision(s.node, "skipped", s.reason) for s in sites if s.reason]
         if not usable:
             return PassResult(model, False, decisions=decisions)
         if ctx.inputs is None or ctx.inputs.synthetic:
@@ -103,168 +123,202 @@ class QDQ(Pass):
         if self.min_agreement is not None and not ctx.class_scores(model):
             raise UsageError(f"qdq: min_agreement needs a class-score output, and {', '.join(model.output_names())} "
                              "is not one (say --output-kind NAME=scores if it is, or use max_error)")
-        overrides = self._overrides(usable)
-
-        dynamic = {s.node for s in usable if s.op_type in DYNAMIC_OPS} if self.activations == "dynamic" else set()
         calib = ctx.inputs.fit[: self.calibration_samples]
         notes: dict[str, str] = {}
-        if dynamic and self.smoothing:
-            ctx.progress(f"qdq: choosing activation smoothing for {len(dynamic)} dynamic sites")
-            plans = smooth.plan(model, [s for s in usable if s.node in dynamic], calib, settings=ctx.runtime)
-            model = smooth.apply(model, sites, plans)
+        can_dynamic = [s for s in usable if DYNAMIC in self.menu(model, s)]
+        if can_dynamic and self.smoothing:
+            ctx.progress(f"qdq: choosing activation smoothing for {len(can_dynamic)} MatMul/Gemm sites")
+            plans = smooth.plan(model, can_dynamic, calib, settings=ctx.runtime)
+            model = smooth.apply(model, sites, plans)  # exact in float: every form of these sites reads it
             sites = find_sites(model)
             usable = [s for s in sites if not s.reason]
             notes = {name: p.describe() for p in plans for name in p.sites}
-        ranges, methods = self._calibrate(model, [s for s in sites if s.node not in dynamic], calib, ctx)
+        tables = constant_tables(model) if self.int4 else []
+        menus = {s.node: self.menu(model, s) for s in usable + tables}
+        overrides = self._overrides(menus)
+        by_name = {s.node: s for s in sites + tables}
+        static_ok = {n for n, m in menus.items() if STATIC in m}
+        ranges, methods = self._calibrate(model, [s for s in sites if s.node in static_ok or s.reason], calib, ctx)
         probe = first_rows(calib, self.sensitivity_samples)
         reference = run(make_session(model, ctx.runtime), probe)
         scores = ctx.class_scores(model)
 
-        by_name = {s.node: s for s in sites}
-        tables = constant_tables(model) if self.int4 else []
-        int4_axis = {s.node: 0 for s in usable if s.op_type == "MatMul"} if self.int4 else {}
-        int4_axis.update({t.node: 1 for t in tables})
-        weight_of = {s.node: s.weight for s in usable + tables}
+        codes8, codes4 = {}, {}
+        if self.rounding == "gptq":
+            from .gptq import gptq_codes
 
+            ctx.progress("qdq: GPTQ rounding (input second moments of every site)")
+            codes8, codes4 = gptq_codes(model, usable, menus, calib, ctx.runtime, ctx.progress)
         shifts = {}
-        if self.bias_correction:
+        if self.bias_correction and static_ok:
             ctx.progress("qdq: bias correction (channel means of the site inputs, float and fake-quantized)")
-            static_sites = {s.node for s in usable} - dynamic
-            tensors = make_plan(model, sites, static_sites, ranges).tensors
-            shifts = bias_shifts(model, sites, static_sites, tensors, calib, settings=ctx.runtime)
+            tensors = make_plan(model, sites, static_ok, ranges).tensors
+            shifts = bias_shifts(model, sites, static_ok, tensors, calib, settings=ctx.runtime, codes=codes8)
 
-        def plan_for(int8: set[str]):
-            plan = make_plan(model, sites, int8, ranges)
-            plan.bias_shift = {n: shifts[n] for n in int8 if n in shifts}
+        def plan_for(static: set[str]):
+            plan = make_plan(model, sites, static, ranges)
+            plan.bias_shift = {n: shifts[n] for n in static if n in shifts}
             return plan
 
-        def build(int8: set[str], int4: set[str] = frozenset()) -> Model:
-            static = rewrite(model, sites, plan_for(int8 - dynamic))
-            out = to_dynamic(static, [by_name[n] for n in sorted(int8 & dynamic)]) if int8 & dynamic else static
-            return to_int4(out, {weight_of[n]: int4_axis[n] for n in sorted(int4)}) if int4 else out
+        def build(assign: dict[str, str]) -> Model:
+            """The model with each named site in its form (sites not named stay float)."""
+            static = {n for n, f in assign.items() if f == STATIC}
+            others = {n for n, f in assign.items() if f in (DYNAMIC, INT4)}
+            out = rewrite(model, sites, plan_for(static), codes=codes8, not_float=others) if static else model
+            dynamic = [by_name[n] for n, f in sorted(assign.items()) if f == DYNAMIC]
+            out = to_dynamic(out, dynamic, codes=codes8) if dynamic else out
+            int4 = [by_name[n] for n, f in sorted(assign.items()) if f == INT4]
+            return to_int4(out, int4, accuracy_level=self.int4_accuracy_level, codes=codes4) if int4 else out
 
-        def measure(int8: set[str], int4: set[str] = frozenset()) -> float:
-            return distortion(reference, run(make_session(build(int8, int4), ctx.runtime), probe), scores)
+        def measure(assign: dict[str, str]) -> float:
+            return distortion(reference, run(make_session(build(assign), ctx.runtime), probe), scores)
 
-        ctx.progress(f"qdq: sensitivity of {len(usable)} sites on {len(probe)} samples")
-        sensitivity = {s.node: measure({s.node}) for s in usable}
-        sensitivity4 = {n: measure(set(), {n}) for n in int4_axis}
-        all_int8 = {s.node for s in usable}
+        n_forms = sum(len(m) - 1 for m in menus.values())
+        ctx.progress(f"qdq: sensitivity of {len(menus)} sites in {n_forms} quantized forms on {len(probe)} samples")
+        sensitivity = {n: {f: (measure({n: f}) if f != FP32 else 0.0) for f in m} for n, m in menus.items()}
         frontier: list[dict] = []
         budget_counters: dict[str, float] = {}
         if self.max_size_mb is not None:
-            allocation, keep_cost = self._size_allocation(usable, tables, sensitivity, sensitivity4, build,
+            allocation, keep_cost = self._size_allocation(usable + tables, menus, sensitivity, build,
                                                           budget_counters)
         else:
-            allocation, keep_cost = self._latency_allocation(usable, sensitivity, build, all_int8, model, overrides,
-                                                             ctx, probe, frontier, budget_counters)
+            allocation, keep_cost = self._latency_allocation(usable, tables, menus, sensitivity, build, model,
+                                                             overrides, ctx, frontier, budget_counters)
         chosen = {name: o.label for name, o in allocation.choice.items()}
         chosen.update(overrides)
-        int8 = {name for name, label in chosen.items() if label == "int8"}
-        int4 = {name for name, label in chosen.items() if label == "int4"}
-        plan = plan_for(int8 - dynamic)
-        result = build(int8, int4)
+        plan = plan_for({n for n, f in chosen.items() if f == STATIC})
+        result = build(chosen)
         measured = distortion(reference, run(make_session(result, ctx.runtime), probe), scores)
         ran = kernels(result, ctx.runtime)
-        predicted = sum(sensitivity[n] for n in int8) + sum(sensitivity4[n] for n in int4)
-        for t in tables:
-            label = chosen[t.node]
-            decisions.append(Decision(t.node, label, f"embedding table {t.macs:,} values; int4 sensitivity "
-                                                     f"{sensitivity4[t.node]:.3g}; float: {keep_cost[t.node]}"))
-        for s in usable:
-            label = "int8-dynamic" if chosen[s.node] == "int8" and s.node in dynamic else chosen[s.node]
-            decisions.append(self._decision(s, label, sensitivity, keep_cost, methods, plan, ran, notes.get(s.node)))
-        counters = {"sites": len(usable) + len(tables), "int8": len(int8), "fp32": len(chosen) - len(int8) - len(int4),
-                    "fused": sum(1 for n in int8 if ran.get(n) in INTEGER_KERNELS),
-                    **({"int4": len(int4), "int4_fused": sum(1 for n in int4 if ran.get(n) == "MatMulNBits")}
-                       if self.int4 else {}),
+        predicted = sum(sensitivity[n][f] for n, f in chosen.items())
+        for s in usable + tables:
+            decisions.append(self._decision(s, chosen[s.node], sensitivity[s.node], keep_cost, methods, plan, ran,
+                                            notes.get(s.node)))
+        count = {f: sum(1 for v in chosen.values() if v == f) for f in PRECISIONS}
+        counters = {"sites": len(chosen), "int8": count[STATIC], "int8_dynamic": count[DYNAMIC],
+                    "int4": count[INT4], "fp32": count[FP32],
+                    "fused": sum(1 for n, f in chosen.items() if f in (STATIC, DYNAMIC) and ran.get(n) in INTEGER_KERNELS),
+                    "int4_fused": sum(1 for n, f in chosen.items() if f == INT4 and ran.get(n) in INT4_KERNELS),
                     "predicted_distortion": round(predicted, 6), "measured_distortion": round(measured, 6),
                     **budget_counters}
         details = {"frontier": frontier} if frontier else {}
-        return PassResult(result, bool(int8 or int4), counters, decisions, details)
+        return PassResult(result, count[FP32] < len(chosen), counters, decisions, details)
 
-    def _latency_allocation(self, usable, sensitivity, build, all_int8, model, overrides, ctx, probe, frontier,
+    def _latency_allocation(self, usable, tables, menus, sensitivity, build, model, overrides, ctx, frontier,
                             counters):
-        """Options priced in milliseconds: each site's cost of staying float, measured against the all-int8
-        model; budget from target_speedup, or the all-int8 latency plus latency_slack."""
-        ctx.progress("qdq: latency of each site kept in float, against the all-int8 model")
+        """Options priced in milliseconds against the base: every site in the faster all-int8 form (static or
+        dynamic, measured). A site's cost of staying float is measured against the base with that site alone in
+        float; its cost of another quantized form is that form's whole-model difference (every site that can in
+        that form, measured) shared by weight size. Tables cost nothing in either form (GatherBlockQuantized reads
+        only the gathered rows). Budget from target_speedup, or the base latency plus latency_slack."""
+        ctx.progress("qdq: latency of the fp32 model and of each all-quantized form")
         feed = ctx.latency_feed(model)
-        ends = [make_session(m, ctx.runtime) for m in (model, build(all_int8))]
-        fp32_ms, int8_ms = (l.median_ms for l in measure_latencies(ends, feed, min_seconds=0.5))
+        anchors = {}
+        for form in (STATIC, DYNAMIC):
+            if any(form in menus[s.node] for s in usable):
+                anchors[form] = {s.node: form if form in menus[s.node] else menus[s.node][0] for s in usable}
+        int8_forms = list(anchors)
+        if any(INT4 in m for m in menus.values()):
+            first = next(iter(anchors.values()))
+            anchors[INT4] = {n: INT4 if INT4 in m else first.get(n, FP32) for n, m in menus.items()}
+        sessions = [make_session(model, ctx.runtime)] + [make_session(build(a), ctx.runtime) for a in anchors.values()]
+        lat = measure_latencies(sessions, feed, min_seconds=0.5)
+        del sessions
+        fp32_ms = lat[0].median_ms
+        anchor_ms = {form: l.median_ms for form, l in zip(anchors, lat[1:])}
+        base_form = min(int8_forms, key=anchor_ms.get)
+        base = {n: anchors[base_form].get(n, FP32) for n in menus}  # tables stay float in the base
+        base_ms = anchor_ms[base_form]
+        counters.update(fp32_ms=round(fp32_ms, 3), base_ms=round(base_ms, 3), base_form=base_form,
+                        **{f"all_{form.replace('-', '_')}_ms": round(ms, 3) for form, ms in anchor_ms.items()})
         accuracy_mode = self.min_agreement is not None or self.max_error is not None
         if self.target_speedup is None and self.latency_slack == 0 and not accuracy_mode:
-            # no room for any float site: every site int8, nothing more to measure
-            counters.update(fp32_ms=round(fp32_ms, 3), all_int8_ms=round(int8_ms, 3), target_ms=round(int8_ms, 3))
-            options = _options(usable, sensitivity, {s.node: 0.0 for s in usable})
-            choice = {o.name: o.options[0] for o in options}
-            return (Allocation(choice, 0.0, sum(o.distortion for o in choice.values()), 0.0, "no float budget"),
-                    {s.node: "not measured (latency_slack 0)" for s in usable})
-        # one site left float at a time, against the all-int8 model timed in the same interleaved round; a bounded
-        # number of sessions is alive at once (each holds a copy of the weights)
+            # no room for a slower site: the fastest all-int8 form, nothing more to measure
+            counters.update(target_ms=round(base_ms, 3))
+            choice = {n: Option(f, 0.0, sensitivity[n][f]) for n, f in base.items()}
+            return (Allocation(choice, 0.0, sum(o.distortion for o in choice.values()), 0.0, "no slack"),
+                    {n: "not measured (latency_slack 0)" for n in menus})
+        # one site left float at a time, against the base timed in the same interleaved round; a bounded number
+        # of sessions is alive at once (each holds a copy of the weights)
+        ctx.progress(f"qdq: latency of each site kept in float, against all-{base_form}")
         loo = {}
+        base_session = make_session(build(base), ctx.runtime)
         for start in range(0, len(usable), MAX_LIVE_SESSIONS - 1):
             chunk = usable[start:start + MAX_LIVE_SESSIONS - 1]
-            sessions = [ends[1]] + [make_session(build(all_int8 - {s.node}), ctx.runtime) for s in chunk]
-            lat = measure_latencies(sessions, feed, warmup=5, repeats=30, min_seconds=0.2, max_seconds=2.0)
-            loo.update({s.node: max(0.0, l.median_ms - lat[0].median_ms) for s, l in zip(chunk, lat[1:])})
+            sessions = [base_session] + [make_session(build({**base, s.node: FP32}), ctx.runtime) for s in chunk]
+            times = measure_latencies(sessions, feed, warmup=5, repeats=30, min_seconds=0.2, max_seconds=2.0)
+            loo.update({s.node: max(0.0, t.median_ms - times[0].median_ms) for s, t in zip(chunk, times[1:])})
             del sessions
-        del ends
-        keep_cost, boundaries, beta = island_costs(model, usable, loo, fp32_ms - int8_ms)
-        options = _options(usable, sensitivity, keep_cost)
-        if self.min_agreement is not None or self.max_error is not None:
-            allocation = self._search(options, boundaries, build, overrides, ctx, frontier)
-            target_ms = int8_ms + allocation.budget
-        else:
-            target_ms = fp32_ms / self.target_speedup if self.target_speedup else int8_ms * (1 + self.latency_slack)
-            if fp32_ms <= target_ms and not self.target_speedup:
-                ctx.progress(f"qdq: the float model ({fp32_ms:.3f} ms) is faster than all-int8 ({int8_ms:.3f} ms); "
-                             "every site stays float (give max_size_mb to quantize for size)")
-            try:
-                allocation = allocate(options, target_ms - int8_ms, boundaries=boundaries)
-            except BudgetInfeasible as exc:
-                raise BudgetInfeasible(exc.budget, exc.best_cost, (
-                    f"target speed-up {self.target_speedup}x needs {target_ms:.3f} ms; the fastest assignment "
-                    f"(all int8) measured {int8_ms:.3f} ms against fp32 {fp32_ms:.3f} ms, "
-                    f"{fp32_ms / int8_ms:.2f}x")) from None
-            allocation = self._check_latency(allocation, options, build, target_ms / int8_ms, ctx, feed, frontier)
-        counters.update(fp32_ms=round(fp32_ms, 3), all_int8_ms=round(int8_ms, 3), target_ms=round(target_ms, 3))
-        return allocation, {n: f"{c:+.3f} ms, +{beta:.3f} ms per int8 neighbour (alone: +{loo[n]:.3f} ms)"
-                            for n, c in keep_cost.items()}
+        del base_session
+        keep_cost, boundaries, beta = island_costs(model, usable, loo, fp32_ms - base_ms)
+        keep_cost.update({t.node: 0.0 for t in tables})
+        form_cost = {}  # (site, form) -> ms, for forms other than the site's base form
+        for form, assign in anchors.items():
+            moved = [s for s in usable + tables if assign.get(s.node, FP32) != base[s.node] and s.op_type != "Gather"]
+            total = sum(s.macs for s in moved) or 1
+            for s in moved:
+                form_cost[(s.node, form)] = (anchor_ms[form] - base_ms) * s.macs / total
 
-    def _size_allocation(self, usable, tables, sensitivity, sensitivity4, build, counters):
+        def cost(name: str, form: str) -> float:
+            if form == base[name]:
+                return 0.0
+            return keep_cost[name] if form == FP32 else form_cost.get((name, form), 0.0)
+
+        options = [SiteOptions(n, tuple(Option(f, cost(n, f), sensitivity[n][f]) for f in m)) for n, m in menus.items()]
+        if accuracy_mode:
+            allocation = self._search(options, boundaries, build, overrides, ctx, frontier)
+            target_ms = base_ms + allocation.budget
+        else:
+            target_ms = fp32_ms / self.target_speedup if self.target_speedup else base_ms * (1 + self.latency_slack)
+            if fp32_ms <= target_ms and not self.target_speedup:
+                ctx.progress(f"qdq: the float model ({fp32_ms:.3f} ms) is faster than all-{base_form} "
+                             f"({base_ms:.3f} ms); every site stays float (give max_size_mb to quantize for size)")
+            try:
+                allocation = allocate(options, target_ms - base_ms, boundaries=boundaries)
+            except BudgetInfeasible as exc:
+                fastest = min(anchor_ms, key=anchor_ms.get)
+                measured = ", ".join(f"all-{f} {ms:.3f} ms ({fp32_ms / ms:.2f}x)" for f, ms in anchor_ms.items())
+                raise BudgetInfeasible(exc.budget, exc.best_cost, (
+                    f"target speed-up {self.target_speedup}x needs {target_ms:.3f} ms; the fastest assignment is "
+                    f"all-{fastest} at {anchor_ms[fastest]:.3f} ms against fp32 {fp32_ms:.3f} ms "
+                    f"({fp32_ms / anchor_ms[fastest]:.2f}x; measured: {measured})")) from None
+            allocation = self._check_latency(allocation, options, base, build, target_ms / base_ms, ctx, feed,
+                                             frontier)
+        counters.update(target_ms=round(target_ms, 3))
+        described = {n: f"{c:+.3f} ms, +{beta:.3f} ms per int8 neighbour (alone: +{loo[n]:.3f} ms)"
+                     for n, c in keep_cost.items() if n in loo}
+        described.update({t.node: "no latency cost either way" for t in tables})
+        return allocation, described
+
+    def _size_allocation(self, sites, menus, sensitivity, build, counters):
         """Options priced in bytes per weight element: fp32 4, int8 1, int4 0.625 (half a byte and a float scale
         per block of 32), each relative to the site's smallest. The built model's size is checked, and while it
         is over the budget the site whose next smaller option adds the least distortion per byte saved takes it."""
-        per_element = {"fp32": 4.0, "int8": 1.0, "int4": 0.5 + 4.0 / BLOCK_SIZE}
-        sites = []
-        for s in usable + tables:
-            labels = (["int8"] if s.op_type != "Gather" else []) + (["int4"] if s.node in sensitivity4 else []) + \
-                ["fp32"]
-            dist = {"fp32": 0.0, "int8": sensitivity.get(s.node), "int4": sensitivity4.get(s.node)}
-            low = min(per_element[label] for label in labels)
-            sites.append(SiteOptions(s.node, tuple(Option(label, (per_element[label] - low) * s.macs, dist[label])
-                                                 for label in labels)))
-        smallest_choice = {site.name: min(site.options, key=lambda o: o.cost) for site in sites}
+        per_element = {FP32: 4.0, STATIC: 1.0, DYNAMIC: 1.0, INT4: 0.5 + 4.0 / BLOCK_SIZE}
+        options = []
+        for s in sites:
+            low = min(per_element[f] for f in menus[s.node])
+            options.append(SiteOptions(s.node, tuple(Option(f, (per_element[f] - low) * s.macs, sensitivity[s.node][f])
+                                                     for f in menus[s.node])))
+        smallest_choice = {o.name: min(o.options, key=lambda x: (x.cost, x.distortion)) for o in options}
 
         def size(choice) -> int:
-            labels = {n: o.label for n, o in choice.items()}
-            return build({n for n, l in labels.items() if l == "int8"},
-                         {n for n, l in labels.items() if l == "int4"}).byte_size()
+            return build({n: o.label for n, o in choice.items()}).byte_size()
 
         budget = self.max_size_mb * 1e6
         smallest = size(smallest_choice)
         if smallest > budget:
             raise BudgetInfeasible(budget, smallest, f"max_size_mb {self.max_size_mb:g} is below the smallest "
                                                      f"assignment's {smallest / 1e6:.3f} MB")
-        allocation = allocate(sites, budget - smallest)
+        allocation = allocate(options, budget - smallest)
         choice = dict(allocation.choice)
         while size(choice) > budget:  # the byte model is approximate: step down where it costs the least
             steps = []
-            for site in sites:
+            for site in options:
                 current = choice[site.name]
-                cheaper = [o for o in site.options if o.cost < current.cost]
-                for o in cheaper:
-                    steps.append(((o.distortion - current.distortion) / (current.cost - o.cost), site.name, o))
+                for o in site.options:
+                    if o.cost < current.cost:
+                        steps.append(((o.distortion - current.distortion) / (current.cost - o.cost), site.name, o))
             if not steps:
                 break
             _, name, option = min(steps, key=lambda t: t[0])
@@ -272,39 +326,45 @@ class QDQ(Pass):
         counters.update(smallest_mb=round(smallest / 1e6, 4), max_size_mb=self.max_size_mb)
         allocation = Allocation(choice, sum(o.cost for o in choice.values()),
                                 sum(o.distortion for o in choice.values()), allocation.budget, allocation.method)
-        extra = {site.name: site.options[[o.label for o in site.options].index("fp32")].cost for site in sites}
+        extra = {o.name: next(x.cost for x in o.options if x.label == FP32) for o in options}
         return allocation, {n: f"+{c / 1e6:.3f} MB over its smallest form" for n, c in extra.items()}
 
-    def _check_latency(self, allocation, options, build, target_ratio: float, ctx: Context, feed, frontier):
-        """Measure the chosen assignment against the all-int8 model, interleaved, so that the check holds however
-        busy the machine is: it must stay within `target_ratio` times the all-int8 latency. Float islands can cost
-        more than the sum of their single-site costs (onnxruntime converts layouts between them and the integer
-        kernels), so when the measurement misses the target, keep only the k most sensitive of the chosen float sites, with k the largest that measures
-        within the target (bisected, assuming more float sites are never faster)."""
-        sensitivity = {o.name: o.options[0].distortion for o in options}
-        floats = sorted((n for n, o in allocation.choice.items() if o.label == "fp32"), key=sensitivity.get,
-                        reverse=True)
-        base = make_session(build({o.name for o in options}), ctx.runtime)
+    def _check_latency(self, allocation, options, base, build, target_ratio: float, ctx: Context, feed, frontier):
+        """Measure the chosen assignment against the base, interleaved, so that the check holds however busy the
+        machine is: it must stay within `target_ratio` times the base latency. Float islands can cost more than
+        the sum of their single-site costs (onnxruntime converts layouts between them and the integer kernels),
+        so when the measurement misses the target, keep only the k sites that moved off their base form with the
+        largest distortion saved, with k the largest that measures within the target (bisected, assuming fewer
+        moves are never slower)."""
+        by_label = {o.name: {x.label: x for x in o.options} for o in options}
+        saved = {n: by_label[n][base[n]].distortion - o.distortion for n, o in allocation.choice.items()}
+        moves = sorted((n for n, o in allocation.choice.items() if o.label != base[n]), key=saved.get, reverse=True)
+        base_session = make_session(build(base), ctx.runtime)
+
+        def assignment(k: int) -> dict[str, str]:
+            return {**base, **{n: allocation.choice[n].label for n in moves[:k]}}
 
         def fits(k: int) -> bool:
-            int8 = {o.name for o in options} - set(floats[:k])
-            lat = measure_latencies([base, make_session(build(int8), ctx.runtime)], feed, min_seconds=0.3)
+            assign = assignment(k)
+            lat = measure_latencies([base_session, make_session(build(assign), ctx.runtime)], feed, min_seconds=0.3)
             ratio = lat[1].median_ms / lat[0].median_ms
             ok = ratio <= target_ratio
-            frontier.append({"float_sites": k, "measured_ms": round(lat[1].median_ms, 4),
-                             "all_int8_ms": round(lat[0].median_ms, 4), "ratio_to_all_int8": round(ratio, 4),
-                             "target_ratio": round(target_ratio, 4), "meets_target": ok})
-            ctx.progress(f"qdq: {k} float sites measure {ratio:.3f}x the all-int8 latency "
+            frontier.append({"moved_sites": k, "float_sites": sum(1 for f in assign.values() if f == FP32),
+                             "measured_ms": round(lat[1].median_ms, 4), "base_ms": round(lat[0].median_ms, 4),
+                             "ratio_to_base": round(ratio, 4), "target_ratio": round(target_ratio, 4),
+                             "meets_target": ok})
+            ctx.progress(f"qdq: {k} sites off the base form measure {ratio:.3f}x the base latency "
                          f"(target {target_ratio:.3f}x)")
             return ok
 
-        if floats and not fits(len(floats)):
-            lo, hi = 0, len(floats)  # fits(lo) assumed (all int8 is the fastest), fits(hi) is false
+        k = len(moves)
+        if moves and not fits(k):
+            lo, hi = 0, k  # fits(lo) assumed (the base), fits(hi) is false
             while hi - lo > 1:
                 mid = (lo + hi) // 2
                 lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-            floats = floats[:lo]
-        choice = {o.name: o.options[1] if o.name in floats else o.options[0] for o in options}
+            k = lo
+        choice = {n: by_label[n][f] for n, f in assignment(k).items()}
         return type(allocation)(choice, sum(o.cost for o in choice.values()),
                                 sum(o.distortion for o in choice.values()), allocation.budget, allocation.method)
 
@@ -313,26 +373,26 @@ class QDQ(Pass):
         from ...core.numerics import compare_outputs
 
         selection = ctx.inputs.for_selection  # never the verification samples the report quotes
-        scores = ctx.class_scores(build(set()))
-        reference = run(make_session(build(set()), ctx.runtime), selection)
+        scores = ctx.class_scores(build({}))
+        reference = run(make_session(build({}), ctx.runtime), selection)
 
         def meets(allocation) -> bool:
-            int8 = {n for n, o in allocation.choice.items() if o.label == "int8"}
-            int8 = {n for n in int8 if overrides.get(n, "int8") == "int8"} | \
-                {n for n, v in overrides.items() if v == "int8"}
-            metrics = compare_outputs(reference, run(make_session(build(int8), ctx.runtime), selection), scores)
+            assign = {**{n: o.label for n, o in allocation.choice.items()}, **overrides}
+            metrics = compare_outputs(reference, run(make_session(build(assign), ctx.runtime), selection), scores)
             agreement = min((m.top1_agreement for m in metrics if m.top1_agreement is not None), default=None)
             error = max(m.rel_l2 for m in metrics)
             ok = (self.max_error is None or error <= self.max_error) and \
                  (self.min_agreement is None or (agreement is not None and agreement >= self.min_agreement))
-            frontier.append({"budget_ms": round(allocation.budget, 4), "float_sites": len(allocation.choice) - len(int8),
+            frontier.append({"budget_ms": round(allocation.budget, 4),
+                             "float_sites": sum(1 for f in assign.values() if f == FP32),
                              "predicted_distortion": allocation.distortion, "rel_l2": error,
                              "top1_agreement": agreement, "meets_target": ok})
             ctx.progress(f"qdq: budget +{allocation.budget:.3f} ms -> rel L2 {error:.4f}"
                          + (f", agreement {agreement:.2%}" if agreement is not None else ""))
             return ok
 
-        lo, hi = 0.0, sum(max(0.0, o.options[1].cost) for o in options) + sum(b.cost for b in boundaries)
+        lo = 0.0  # the base: every site in its base form
+        hi = sum(max(0.0, max(x.cost for x in o.options)) for o in options) + sum(b.cost for b in boundaries)
         best = allocate(options, hi, boundaries=boundaries)
         if not meets(best):
             raise BudgetInfeasible(hi, hi, "the accuracy target is not met even with every site in float")
@@ -365,22 +425,29 @@ class QDQ(Pass):
             ranges[name], methods[name] = (choice.lo, choice.hi), choice.method
         return ranges, methods
 
-    @staticmethod
-    def _decision(s: QuantSite, label, sensitivity, keep_cost, methods, plan, ran, note: str | None) -> Decision:
-        parts = [f"sensitivity {sensitivity[s.node]:.3g}", f"float: {keep_cost[s.node]}"]
-        if s.activation in methods and label != "int8-dynamic":
+    def _decision(self, s: QuantSite, label, sensitivity: dict[str, float], keep_cost, methods, plan, ran,
+                  note: str | None) -> Decision:
+        forms = ", ".join(f"{f} {v:.3g}" for f, v in sensitivity.items() if f != FP32)
+        parts = [f"sensitivity {forms}", f"float: {keep_cost[s.node]}"]
+        if label == STATIC and s.activation in methods:
             parts.append(f"input range by {methods[s.activation]}")
-        if label.startswith("int8") or label == "int4":
+        if label != FP32:
             parts.append(f"ORT runs {ran.get(s.node, 'it fused away')}")
-        if note:
+        if label == INT4 and s.op_type == "MatMul":
+            parts.append(f"accuracy level {self.int4_accuracy_level}"
+                         + (" (activations rounded to int8 per block, included in the sensitivity)"
+                            if self.int4_accuracy_level == 4 else " (fp32 activations)"))
+        if label != FP32 and self.rounding == "gptq" and s.op_type != "Gather":
+            parts.append("GPTQ rounding")
+        if note and label != FP32:
             parts.append(note)
-        if s.node in plan.bias_shift:
+        if label == STATIC and s.node in plan.bias_shift:
             parts.append(f"bias corrected (mean shift up to {np.abs(plan.bias_shift[s.node]).max():.2g})")
         if s.node in plan.bias_adjusted:
             parts.append(f"weight scale raised on {plan.bias_adjusted[s.node]} channels for the int32 bias")
         return Decision(s.node, label, "; ".join(parts))
 
-    def _overrides(self, usable: list[QuantSite]) -> dict[str, str]:
+    def _overrides(self, menus: dict[str, tuple[str, ...]]) -> dict[str, str]:
         if not self.overrides:
             return {}
         path = Path(self.overrides)
@@ -388,12 +455,13 @@ class QDQ(Pass):
             data = json.loads(path.read_text())
         except (OSError, ValueError) as exc:
             raise InputError(f"{path}: cannot read overrides: {exc}") from None
-        names = {s.node for s in usable}
         if not isinstance(data, dict):
             raise InputError(f"{path}: expected a JSON object {{site: precision}}")
-        bad = {k: v for k, v in data.items() if k not in names or v not in PRECISIONS}
+        bad = {k: v for k, v in data.items() if k not in menus or v not in menus[k]}
         if bad:
-            raise UsageError(f"{path}: unknown sites or precisions {bad} (precisions: {', '.join(PRECISIONS)})")
+            offered = "; ".join(f"{k}: {', '.join(menus[k])}" for k in bad if k in menus)
+            raise UsageError(f"{path}: unknown sites or forms not on their menu {bad} (precisions: "
+                             f"{', '.join(PRECISIONS)}{'; offered ' + offered if offered else ''})")
         return dict(data)
 
 
@@ -429,7 +497,3 @@ def first_rows(feeds: list[dict[str, np.ndarray]], rows: int) -> list[dict[str, 
             break
     return out
 
-
-def _options(usable: list[QuantSite], sensitivity: dict, keep_cost: dict) -> list[SiteOptions]:
-    return [SiteOptions(s.node, (Option("int8", 0.0, sensitivity[s.node]), Option("fp32", keep_cost[s.node], 0.0)))
-            for s in usable]

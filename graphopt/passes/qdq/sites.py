@@ -196,8 +196,11 @@ def make_plan(model: Model, sites: list[QuantSite], int8: set[str],
     return plan
 
 
-def rewrite(model: Model, sites: list[QuantSite], plan: QuantPlan) -> Model:
-    """A new model with the plan's Q/DQ nodes, int8 weights and int32 biases."""
+def rewrite(model: Model, sites: list[QuantSite], plan: QuantPlan, codes: dict[str, np.ndarray] | None = None,
+            not_float: set[str] = frozenset()) -> Model:
+    """A new model with the plan's Q/DQ nodes, int8 weights and int32 biases. `codes` may give a site's int8
+    weight (stored layout, the per-channel scales of `weight_qparams`) from another rounding than nearest;
+    `not_float` names sites outside the plan that another rewrite quantizes (dynamic, int4)."""
     out = model.copy()
     g = out.graph
     taken = all_names(g)
@@ -215,14 +218,15 @@ def rewrite(model: Model, sites: list[QuantSite], plan: QuantPlan) -> Model:
     float_readers = {}  # float Conv/Gemm site -> its own per-channel DQ of a quantized input
     for node_proto in g.node:
         s = by_name.get(node_proto.name)
-        if s is not None and s.node not in plan.int8_sites and not s.reason and s.activation in plan.tensors \
-                and s.op_type in ("Conv", "Gemm") and s.in_channels:
+        if s is not None and s.node not in plan.int8_sites and s.node not in not_float and not s.reason \
+                and s.activation in plan.tensors and s.op_type in ("Conv", "Gemm") and s.in_channels:
             float_readers[s.node] = s
         if s is None or s.node not in plan.int8_sites:
             continue
         w = numpy_helper.to_array(consts[s.weight]).astype(np.float32)
         wq = weight_qparams(w, s.weight_axis)
         x_scale = float(plan.tensors[s.activation].scale)
+        raised = 0
         if s.bias is not None:
             b = numpy_helper.to_array(consts[s.bias]).astype(np.float32)
             if s.node in plan.bias_shift:
@@ -237,7 +241,8 @@ def rewrite(model: Model, sites: list[QuantSite], plan: QuantPlan) -> Model:
                  [b_out], node_proto.name, axis=0)
             node_proto.input[2] = b_out
         w_out = unique_name(f"{s.weight}_dq", taken)
-        node("DequantizeLinear", [const(f"{s.weight}_int8", quantize_weight(w, wq)),
+        q_w = codes[s.node] if codes and s.node in codes and not raised else quantize_weight(w, wq)
+        node("DequantizeLinear", [const(f"{s.weight}_int8", q_w),
                                   const(f"{s.weight}_scale", wq.scale), const(f"{s.weight}_zp", wq.zero_point)],
              [w_out], node_proto.name, axis=s.weight_axis)
         node_proto.input[1] = w_out

@@ -7,7 +7,8 @@ s_j = max|X_j|^alpha / max|W_j|^(1 - alpha) moves part of the outlier range into
 per output column and absorb it better. The division is an explicit Mul before the sites (an elementwise op, cheap
 next to the product), so no neighbouring op has to be linear.
 
-alpha is chosen per input tensor (shared by every site reading it) from a small grid, by the error of the
+Only inputs with outlier channels (largest channel range >= MIN_SPREAD x the median's) are candidates; alpha is
+chosen per input tensor (shared by every site reading it) from a small grid, by the error of the
 emulated int8 product on captured calibration rows; "no smoothing" is always a candidate.
 """
 
@@ -26,6 +27,7 @@ from .sites import QuantSite
 from ...core.runtime import RuntimeSettings
 
 ALPHAS = (0.3, 0.5, 0.6, 0.7, 0.8, 0.9)
+MIN_SPREAD = 8.0  # smooth only inputs whose largest channel range is this many times the median channel's
 
 
 @dataclass
@@ -83,6 +85,10 @@ def plan(model: Model, sites: list[QuantSite], samples, *, settings: RuntimeSett
 
         before = error(None)
         best = Smoothing(a, [s.node for s in members], None, None, before, before)
+        spread = float(absmax[a].max() / max(float(np.median(absmax[a])), 1e-12))
+        if spread < MIN_SPREAD:  # no outlier channels: nothing to move, and the Mul would cost bytes and time
+            out.append(best)
+            continue
         for alpha in alphas:
             s = np.maximum(absmax[a], 1e-6) ** alpha / np.maximum(wmax, 1e-6) ** (1 - alpha)
             s = np.where(np.isfinite(s) & (s > 0), s, 1.0).astype(np.float32)
