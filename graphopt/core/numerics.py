@@ -222,3 +222,39 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
     x = x - x.max(axis=1, keepdims=True)
     return x - np.log(np.exp(x).sum(axis=1, keepdims=True))
 
+
+_ROWS_PER_STEP = 1 << 14  # rows folded into a Gram matrix per step: bounds the buffered and float64 temporaries
+
+
+class Gram:
+    """Running XᵀX (float64) of the rows fed to it. Rows are buffered (up to a bounded count) so that samples
+    with few rows each are folded in as one matrix product rather than many rank-few updates."""
+
+    def __init__(self, n: int):
+        self._xtx = np.zeros((n, n), np.float64)
+        self._pending: list[np.ndarray] = []
+        self._pending_rows = 0
+        self.rows = 0
+
+    def update(self, rows: np.ndarray) -> None:
+        rows = np.asarray(rows, np.float32).reshape(-1, self._xtx.shape[0])
+        rows = rows[np.isfinite(rows).all(axis=1)]
+        self.rows += len(rows)
+        self._pending.append(rows.copy())
+        self._pending_rows += len(rows)
+        if self._pending_rows >= _ROWS_PER_STEP:
+            self._flush()
+
+    @property
+    def xtx(self) -> np.ndarray:
+        self._flush()
+        return self._xtx
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        rows = np.concatenate(self._pending)
+        self._pending, self._pending_rows = [], 0
+        for start in range(0, len(rows), _ROWS_PER_STEP):
+            chunk = rows[start:start + _ROWS_PER_STEP].astype(np.float64)
+            self._xtx += chunk.T @ chunk

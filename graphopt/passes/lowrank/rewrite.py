@@ -22,7 +22,8 @@ from ...core.capture import stream_tensors
 from ...core.conv import conv_patches
 from ...core.editing import all_names, drop_unused_initializers, node_attrs, node_inputs, unique_name
 from ...core.errors import InputError
-from .factorize import Gram, conv_factors, conv_matrix
+from ...core.numerics import Gram
+from .factorize import conv_factors, conv_matrix
 from ...core.model import Model, make_model_like
 from ...core.runtime import RuntimeSettings
 
