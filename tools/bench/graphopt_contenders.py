@@ -44,9 +44,10 @@ def _qdq(params: dict) -> callable:
         out = Path(workdir) / "model.onnx"
         result.model.save(out, overwrite=True)
         c = result.counters
-        int4 = f"{c['int4']} int4 ({c['int4_fused']} as MatMulNBits), " if "int4" in c else ""
-        note = (f"{c['int8']}/{c['sites']} sites int8 ({c['fused']} fused), {int4}float kept: {c['fp32']}; "
-                f"predicted distortion {c['predicted_distortion']}, measured {c['measured_distortion']}")
+        int4 = f", {c['int4']} int4 ({c['int4_fused']} as MatMulNBits/GatherBlockQuantized)" if c["int4"] else ""
+        note = (f"{c['sites']} sites: {c['int8']} static int8, {c['int8_dynamic']} dynamic int8 ({c['fused']} int8 "
+                f"fused){int4}, {c['fp32']} float; predicted distortion {c['predicted_distortion']}, measured "
+                f"{c['measured_distortion']}")
         if inputs.selection:
             note += (f"; fit on {len(inputs.fit)} feeds ({_rows(inputs.fit)} rows), target judged on "
                      f"{len(inputs.selection)} other feeds ({_rows(inputs.selection)} rows) of the calibration data")
@@ -54,32 +55,36 @@ def _qdq(params: dict) -> callable:
     return build
 
 
-contender("graphopt_qdq")(_qdq({}))
-contender("graphopt_qdq_slack25")(_qdq({"latency_slack": 0.25}))
-contender("graphopt_qdq_slack50")(_qdq({"latency_slack": 0.5}))
-contender("graphopt_qdq_all_int8")(_qdq({"latency_slack": 0.0}))
-contender("graphopt_qdq_all_int8_nobc")(_qdq({"latency_slack": 0.0, "bias_correction": False}))
-contender("graphopt_qdq_agree90")(_qdq({"min_agreement": 0.9}))
-contender("graphopt_qdq_dynamic")(_qdq({"activations": "dynamic", "latency_slack": 0.0}))
-contender("graphopt_qdq_int4_size5x")(_qdq({"activations": "dynamic", "int4": True, "max_size_mb": 18.0}))
-contender("graphopt_qdq_dynamic_slack10")(_qdq({"activations": "dynamic"}))
-for _name, _doc in (("graphopt_qdq", "graphopt qdq at its defaults (at most 10 % slower than all-int8)"),
-                    ("graphopt_qdq_slack25", "graphopt qdq, budget: at most 25 % slower than all-int8"),
-                    ("graphopt_qdq_slack50", "graphopt qdq, budget: at most 50 % slower than all-int8"),
-                    ("graphopt_qdq_all_int8", "graphopt qdq, every site int8 (latency_slack=0)"),
-                    ("graphopt_qdq_all_int8_nobc", "graphopt qdq, every site int8, bias correction off "
-                                                   "(latency_slack=0, bias_correction=false)"),
-                    ("graphopt_qdq_agree90", "graphopt qdq, accuracy target: the cheapest assignment whose top-1 "
-                                             "agreement with fp32 on the selection feeds is at least 90 % "
-                                             "(min_agreement=0.9)"),
-                    ("graphopt_qdq_dynamic", "graphopt qdq, dynamic int8 MatMuls with smoothing, no float sites "
-                                             "(latency_slack=0)"),
-                    ("graphopt_qdq_int4_size5x", "graphopt qdq, dynamic int8 / int4 weight-only / float per site "
-                                                 "under max_size_mb=18 (MiniLM fp32 / 5)"),
-                    ("graphopt_qdq_dynamic_slack10", "graphopt qdq, dynamic int8 MatMuls with smoothing, at most "
-                                                     "10 % slower than all-int8")):
-    from .contenders import CONTENDERS
-
-    CONTENDERS[_name].__doc__ = _doc
+QDQ_VARIANTS = {  # name: (parameters, what it is)
+    "graphopt_qdq": ({}, "graphopt qdq at its defaults: the menu per site (float / static int8 / dynamic int8 / int4), "
+                         "at most 10 % slower than the faster all-int8 form"),
+    "graphopt_qdq_all_int8": ({"latency_slack": 0.0}, "graphopt qdq, every site in the faster all-int8 form (static "
+                                                      "or dynamic, measured; latency_slack=0)"),
+    "graphopt_qdq_gptq": ({"rounding": "gptq"}, "graphopt qdq at its defaults with GPTQ rounding (rounding=gptq)"),
+    "graphopt_qdq_gptq_all_int8": ({"rounding": "gptq", "latency_slack": 0.0},
+                                   "graphopt qdq, all-int8 with GPTQ rounding (rounding=gptq, latency_slack=0)"),
+    "graphopt_qdq_slack25": ({"latency_slack": 0.25}, "graphopt qdq, budget: at most 25 % slower than all-int8"),
+    "graphopt_qdq_slack50": ({"latency_slack": 0.5}, "graphopt qdq, budget: at most 50 % slower than all-int8"),
+    "graphopt_qdq_gptq_slack25": ({"rounding": "gptq", "latency_slack": 0.25},
+                                  "graphopt qdq, GPTQ rounding, at most 25 % slower than all-int8"),
+    "graphopt_qdq_all_int8_nobc": ({"latency_slack": 0.0, "bias_correction": False},
+                                   "graphopt qdq, all-int8, bias correction off (latency_slack=0, bias_correction=false)"),
+    "graphopt_qdq_agree90": ({"min_agreement": 0.9}, "graphopt qdq, accuracy target: the cheapest assignment whose "
+                                                     "top-1 agreement with fp32 on the selection feeds is at least "
+                                                     "90 % (min_agreement=0.9)"),
+    "graphopt_qdq_static": ({"activations": "static"}, "graphopt qdq restricted to static int8 (activations=static)"),
+    "graphopt_qdq_dynamic": ({"activations": "dynamic", "latency_slack": 0.0},
+                             "graphopt qdq restricted to dynamic int8 MatMuls, no float sites (activations=dynamic, "
+                             "latency_slack=0)"),
+    "graphopt_qdq_int4_size5x": ({"max_size_mb": 18.0}, "graphopt qdq under max_size_mb=18 (MiniLM fp32 / 5): the "
+                                                        "menu per site, int4 as MatMulNBits (accuracy level 4) and "
+                                                        "GatherBlockQuantized, block 32"),
+    "graphopt_qdq_int4_size5x_gptq": ({"max_size_mb": 18.0, "rounding": "gptq"},
+                                      "as graphopt_qdq_int4_size5x with GPTQ rounding"),
+}
+for _name, (_params, _doc) in QDQ_VARIANTS.items():
+    _fn = _qdq(_params)
+    _fn.__doc__ = _doc
+    contender(_name)(_fn)
 
 QDQ_CONTENDERS = ("graphopt_qdq_all_int8", "graphopt_qdq", "graphopt_qdq_slack25", "graphopt_qdq_slack50")

@@ -10,6 +10,8 @@ plan chose. Exact in expectation for the site in isolation (zero padding at conv
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 from onnx import numpy_helper
 
@@ -77,4 +79,40 @@ def bias_shifts(model: Model, sites: list[QuantSite], int8: set[str], tensors: d
         else:
             k_axis = 1 - s.weight_axis  # MatMul [K, N]: K is axis 0; Gemm transB [N, K]: axis 1
             shifts[s.node] = np.tensordot(mu_q, wq, axes=([0], [k_axis])) - np.tensordot(mu, w, axes=([0], [k_axis]))
+    return shifts
+
+
+def output_means(model: Model, names: dict[str, int], samples, *,
+                 settings: RuntimeSettings | None = None) -> dict[str, np.ndarray]:
+    """{tensor: mean per channel} of the named tensors ({name: channel axis}), streamed over `samples`."""
+    sums: dict[str, list] = {t: [0.0, 0] for t in names}
+    for _, values in stream_tensors(model, list(names), samples, settings=settings):
+        for t, x in values.items():
+            x = np.moveaxis(np.asarray(x, np.float32), names[t], -1).reshape(-1, x.shape[names[t]])
+            sums[t][0] = sums[t][0] + x.sum(axis=0, dtype=np.float64)
+            sums[t][1] += len(x)
+    return {t: s / max(n, 1) for t, (s, n) in sums.items()}
+
+
+def refine_shifts(model: Model, sites: list[QuantSite], int8: set[str], shifts: dict[str, np.ndarray], build,
+                  samples, *, settings: RuntimeSettings | None = None, progress=None) -> dict[str, np.ndarray]:
+    """Bias shifts that also remove the mean error arriving from upstream int8 sites (which the per-site correction
+    above cannot see). In graph order, each int8 site's output mean per channel in the all-int8 model
+    `build(shifts)` (upstream sites already corrected) is compared with the float model's, and the difference added
+    to the site's shift. The QDQ model's site node writes the value before its absorbed Relu/Clip (its output
+    quantizer clamps), so the comparison is of pre-activation means. One model run per site: correcting every site
+    from one run would correct each downstream site for drift its upstream corrections remove too."""
+    chosen = [s for s in sites if s.node in int8 and s.bias is not None]
+    if not chosen:
+        return shifts
+    axis = {s.node: (1 if s.op_type == "Conv" else -1) for s in chosen}
+    float_means = output_means(model, {s.output: axis[s.node] for s in chosen}, samples, settings=settings)
+    emulate = dataclasses.replace(settings or RuntimeSettings(), graph_optimization="disable")
+    shifts = dict(shifts)
+    for i, s in enumerate(chosen, 1):
+        if progress is not None and (i % 8 == 0 or i == len(chosen)):
+            progress(f"qdq: bias correction against the all-int8 model, {i} of {len(chosen)} sites")
+        out = s.effective_output if s.absorbed else s.output
+        drift = output_means(build(shifts), {out: axis[s.node]}, samples, settings=emulate)[out] - float_means[s.output]
+        shifts[s.node] = shifts.get(s.node, 0.0) + drift
     return shifts

@@ -109,8 +109,8 @@ def second_moments(model: Model, sites: list[QuantSite], samples, settings: Runt
             if rows.shape[1] == 1:  # one group: the shared buffered Gram
                 acc.setdefault(k, [Gram(rows.shape[2])])[0].update(rows[:, 0])
             else:
-                r = rows.astype(np.float64)
-                total = np.einsum("rgk,rgl->gkl", r, r)
+                r = np.ascontiguousarray(rows.transpose(1, 0, 2))  # [G, rows, K]: one batched BLAS product
+                total = (np.swapaxes(r, 1, 2) @ r).astype(np.float64)
                 acc[k] = [acc[k][0] + total] if k in acc else [total]
         del values
         if progress is not None and n % 8 == 0:

@@ -23,7 +23,7 @@ from ...core.errors import InputError, UsageError
 from ...core.model import Model
 from ...core.numerics import output_distortion as distortion
 from . import smooth
-from .bias_correction import bias_shifts
+from .bias_correction import bias_shifts, refine_shifts
 from .dynamic import DYNAMIC_OPS, to_dynamic
 from .int4 import ACCURACY_LEVELS, BLOCK_SIZE, constant_tables, int4_reason, to_int4
 from .sites import MIN_OPSET, QuantSite, find_sites, make_plan, needed_statistics, rewrite
@@ -35,6 +35,7 @@ PRECISIONS = (FP32, STATIC, DYNAMIC, INT4)  # the menu; a site offers the forms 
 MAX_LIVE_SESSIONS = 8  # latency measurement: sessions alive at once (MiniLM: ~90 MB each)
 ACTIVATION_MODES = ("auto", "static", "dynamic")
 ROUNDINGS = ("nearest", "gptq")
+REFINE_ROWS = 32  # calibration rows the bias refinement runs the model on, once per int8 site
 INT4_KERNELS = {"MatMulNBits", "GatherBlockQuantized"}
 INTEGER_KERNELS = {"QLinearConv", "QLinearMatMul", "QGemm", "MatMulIntegerToFloat", "ConvInteger", "MatMulInteger",
                    "DynamicQuantizeMatMul"}
@@ -150,15 +151,19 @@ class QDQ(Pass):
             ctx.progress("qdq: GPTQ rounding (input second moments of every site)")
             codes8, codes4 = gptq_codes(model, usable, menus, calib, ctx.runtime, ctx.progress)
         shifts = {}
-        if self.bias_correction and static_ok:
-            ctx.progress("qdq: bias correction (channel means of the site inputs, float and fake-quantized)")
-            tensors = make_plan(model, sites, static_ok, ranges).tensors
-            shifts = bias_shifts(model, sites, static_ok, tensors, calib, settings=ctx.runtime, codes=codes8)
 
         def plan_for(static: set[str]):
             plan = make_plan(model, sites, static, ranges)
             plan.bias_shift = {n: shifts[n] for n in static if n in shifts}
             return plan
+
+        if self.bias_correction and static_ok:
+            ctx.progress("qdq: bias correction (channel means of the site inputs, float and fake-quantized)")
+            tensors = make_plan(model, sites, static_ok, ranges).tensors
+            shifts = bias_shifts(model, sites, static_ok, tensors, calib, settings=ctx.runtime, codes=codes8)
+            shifts, how = self._refined_shifts(model, sites, static_ok, shifts, plan_for, codes8, calib, probe,
+                                               reference, scores, ctx)
+            decisions.append(Decision("model", "bias correction", how))
 
         def build(assign: dict[str, str]) -> Model:
             """The model with each named site in its form (sites not named stay float)."""
@@ -203,6 +208,23 @@ class QDQ(Pass):
                     **budget_counters}
         details = {"frontier": frontier} if frontier else {}
         return PassResult(result, count[FP32] < len(chosen), counters, decisions, details)
+
+    def _refined_shifts(self, model, sites, static, shifts, plan_for, codes8, calib, probe, reference, scores, ctx):
+        """The per-site bias shifts, or the ones refined against the all-int8 model (upstream drift included),
+        whichever gives the all-static-int8 model the lower distortion on the probe rows."""
+        def all_static(sh) -> Model:
+            plan = plan_for(static)
+            plan.bias_shift = {n: sh[n] for n in static if n in sh}
+            return rewrite(model, sites, plan, codes=codes8)
+
+        refined = refine_shifts(model, sites, static, shifts, all_static, first_rows(calib, REFINE_ROWS),
+                                settings=ctx.runtime, progress=ctx.progress)
+        local, seq = (distortion(reference, run(make_session(all_static(sh), ctx.runtime), probe), scores)
+                      for sh in (shifts, refined))
+        keep = seq < local
+        return (refined if keep else shifts), (
+            f"bias correction {'refined against the all-int8 model' if keep else 'per site'}: all-static "
+            f"distortion {local:.3g} per site, {seq:.3g} refined")
 
     def _latency_allocation(self, usable, tables, menus, sensitivity, build, model, overrides, ctx, frontier,
                             counters):

@@ -10,7 +10,9 @@ A *site* is a Conv, MatMul or Gemm with a constant weight. Putting a site in int
   activation's output is a graph output, which stays float (then nothing would clamp it).
 Ops between int8 sites follow: data-movement ops whose input is quantized keep the input's parameters (ORT drops
 their Q/DQ), and Add/Mul/Concat/pooling with every input quantized get their own output parameters (QLinearAdd,
-QLinearConcat, ...). uint8 activations avoid the signed-int8 fan-out trap: a quantized tensor with several
+QLinearConcat, ...); a Relu or Clip(0, max) that alone reads such an op's output is absorbed into that op's output
+range as it is for a site (otherwise ORT keeps a DQ->Q requantization, or a float Relu and pooling, after it).
+uint8 activations avoid the signed-int8 fan-out trap: a quantized tensor with several
 readers still fuses.
 """
 
@@ -59,6 +61,7 @@ class QuantPlan:
     tensors: dict[str, QParams] = field(default_factory=dict)
     bias_adjusted: dict[str, int] = field(default_factory=dict)
     bias_shift: dict[str, np.ndarray] = field(default_factory=dict)  # subtracted from int8 sites' biases
+    followers: dict[str, str] = field(default_factory=dict)  # Add/Mul/Concat/pool node -> Relu/Clip it absorbs
 
 
 def find_sites(model: Model) -> list[QuantSite]:
@@ -140,6 +143,34 @@ def tensors_to_quantize(model: Model, sites: list[QuantSite], int8: set[str]) ->
     Int8 sites quantize their input and effective output; follower ops extend the integer region. A graph output
     keeps its float value: it carries Q/DQ only for the nodes that read it, and none when nothing does.
     """
+    return _tensors_and_followers(model, sites, int8)[0]
+
+
+def _follower_activations(model: Model) -> dict[str, tuple[onnx.NodeProto, float | None]]:
+    """OWN_SCALE_OPS node -> the Relu/Clip(0, max) that is the only reader of its output, with the clip's max.
+    Neither output may be a graph output (a graph output stays float, so the activation must still clamp)."""
+    consts = {n: t for n, t in model.initializers().items() if n in model.constant_names()}
+    outputs = {o.name for o in model.graph.output}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    found = {}
+    for node in model.graph.node:
+        if node.domain not in ("", "ai.onnx") or node.op_type not in OWN_SCALE_OPS:
+            continue
+        follow = readers.get(node.output[0], [])
+        if len(follow) != 1 or node.output[0] in outputs or follow[0].output[0] in outputs:
+            continue
+        act = follow[0]
+        clip_max = _clip_max(act, consts) if act.op_type == "Clip" else None
+        if act.op_type == "Relu" or (act.op_type == "Clip" and clip_max is not None):
+            found[node.name] = (act, clip_max)
+    return found
+
+
+def _tensors_and_followers(model: Model, sites: list[QuantSite], int8: set[str]):
+    """tensors_to_quantize's plan, and the follower activations absorbed for it ({node: (activation, max)})."""
     outputs = {o.name for o in model.graph.output}
     read = {i for n in model.graph.node for i in n.input}
     by_name = {s.node: s for s in sites}
@@ -150,6 +181,8 @@ def tensors_to_quantize(model: Model, sites: list[QuantSite], int8: set[str]) ->
         plan.setdefault(s.activation, "own")
         plan[s.effective_output] = "own"
     consts = model.constant_names()
+    candidates = _follower_activations(model)
+    followers = {}
     for node in model.graph.node:  # topological order: followers see their inputs' decisions first
         if node.name in absorbed or node.domain not in ("", "ai.onnx"):
             continue
@@ -160,8 +193,13 @@ def tensors_to_quantize(model: Model, sites: list[QuantSite], int8: set[str]) ->
         if node.op_type in SAME_SCALE_OPS and len(acts) == 1:
             plan.setdefault(out, f"same:{acts[0]}")
         elif node.op_type in OWN_SCALE_OPS:
+            if node.name in candidates:  # it writes its Relu/Clip's output, quantized from that tensor's range
+                act = candidates[node.name][0]
+                absorbed.add(act.name)
+                followers[node.name] = candidates[node.name]
+                out = act.output[0]
             plan.setdefault(out, "own")
-    return {t: how for t, how in plan.items() if t not in outputs or t in read}
+    return {t: how for t, how in plan.items() if t not in outputs or t in read}, followers
 
 
 def needed_statistics(model: Model, sites: list[QuantSite]) -> list[str]:
@@ -173,10 +211,11 @@ def needed_statistics(model: Model, sites: list[QuantSite]) -> list[str]:
 
 def make_plan(model: Model, sites: list[QuantSite], int8: set[str],
               ranges: dict[str, tuple[float, float]]) -> QuantPlan:
-    how = tensors_to_quantize(model, sites, int8)
+    how, followers = _tensors_and_followers(model, sites, int8)
     by_name = {s.node: s for s in sites}
     caps = {by_name[s].effective_output: by_name[s].absorbed_max for s in int8 if by_name[s].absorbed}
-    plan = QuantPlan(set(int8))
+    caps.update({act.output[0]: clip_max for act, clip_max in followers.values()})
+    plan = QuantPlan(set(int8), followers={n: act.name for n, (act, _) in followers.items()})
     for tensor in sorted(how, key=lambda t: how[t] != "own"):  # own ranges first, copies after
         rule = how[tensor]
         if rule == "own":
@@ -207,7 +246,8 @@ def rewrite(model: Model, sites: list[QuantSite], plan: QuantPlan, codes: dict[s
     by_name = {s.node: s for s in sites}
     consts = out.initializers()
     new_nodes: dict[str, list[onnx.NodeProto]] = {}  # inserted before the node with this name
-    drop = {by_name[s].absorbed for s in plan.int8_sites if by_name[s].absorbed}
+    drop = {by_name[s].absorbed for s in plan.int8_sites if by_name[s].absorbed} | set(plan.followers.values())
+    act_output = {n.name: n.output[0] for n in g.node if n.name in plan.followers.values()}
 
     def const(name: str, value: np.ndarray) -> str:
         return add_initializer(g, name, value, taken)
@@ -221,6 +261,8 @@ def rewrite(model: Model, sites: list[QuantSite], plan: QuantPlan, codes: dict[s
         if s is not None and s.node not in plan.int8_sites and s.node not in not_float and not s.reason \
                 and s.activation in plan.tensors and s.op_type in ("Conv", "Gemm") and s.in_channels:
             float_readers[s.node] = s
+        if node_proto.name in plan.followers:  # writes its absorbed Relu/Clip's output directly
+            node_proto.output[0] = act_output[plan.followers[node_proto.name]]
         if s is None or s.node not in plan.int8_sites:
             continue
         w = numpy_helper.to_array(consts[s.weight]).astype(np.float32)
