@@ -190,7 +190,7 @@ def test_harness_fp32_and_minmax_on_bundled_model(tmp_path):
     out = tmp_path / "fashion_cnn.md"
     code = run.main(["--model", "fashion_cnn", "--contenders", "fp32,ort_minmax", "--limit", "500",
                      "--latency-seconds", "0.1", "--latency-warmup", "2", "--cache", str(tmp_path / "cache"),
-                     "--out", str(out)])
+                     "--latency-batches", "1", "--out", str(out)])
     assert code == 0
     text = out.read_text()
     assert "run.py --model fashion_cnn" in text and "load average" in text and "onnxruntime" in text
@@ -214,6 +214,32 @@ def test_harness_fp32_and_minmax_on_bundled_model(tmp_path):
     # the noise floor: a second session of the fp32 file, timed in the same run; batch and threads stated
     assert "noise floor" in text and "**batch / threads**: batch 1; 2 intra-op threads" in text
     assert rows["fp32_twin"]["top-1 acc"] == "–" and rows["fp32_twin"]["size (MB)"] == rows["fp32"]["size (MB)"]
+
+
+def test_harness_times_each_latency_batch_with_its_own_noise_floor(tmp_path):
+    _material(datasets.fashion_test)
+    from bench import compare, run
+
+    out = tmp_path / "fashion_cnn.md"
+    code = run.main(["--model", "fashion_cnn", "--contenders", "fp32", "--limit", "100", "--latency-seconds", "0.05",
+                     "--latency-warmup", "1", "--latency-batches", "1,8", "--cache", str(tmp_path / "cache"),
+                     "--out", str(out)])
+    assert code == 0
+    text = out.read_text()
+    table = [line for line in text.splitlines() if line.startswith("|")]
+    headers = [c.strip() for c in table[0].strip("|").split("|")]
+    assert headers == ["contender", "top-1 acc", "agree w/ fp32", "latency b1 (ms)", "p90 b1 (ms)", "speed-up b1",
+                       "latency b8 (ms)", "speed-up b8", "size (MB)", "params", "opt. time (s)", "notes"]
+    rows = compare.tables(text)["fashion_cnn"]
+    assert rows["fp32"]["speed-up b1"] == rows["fp32"]["speed-up b8"] == "1.00×"
+    assert float(rows["fp32"]["latency b8 (ms)"]) > 0 and float(rows["fp32_twin"]["latency b8 (ms)"]) > 0
+    assert "**batch / threads**: batches 1, 8" in text and "`image` [8, 1, 28, 28]" in text
+    floor = next(line for line in text.splitlines() if line.startswith("- **noise floor**"))
+    assert "batch 1: `fp32_twin`" in floor and "batch 8: `fp32_twin`" in floor
+    differences, timings = compare.compare(text, text)  # per-batch latencies are timing, not metrics
+    assert differences == [] and any("latency b8" in t for t in timings)
+    with pytest.raises(SystemExit):
+        run.parse(["--model", "fashion_cnn", "--latency-batches", "0,16"])
 
 
 def test_harness_records_a_failing_contender(tmp_path):

@@ -4,7 +4,7 @@
     python tools/bench/compare.py tools/bench/RESULTS.md /tmp/RESULTS.again.md
 
 For every model section and contender present in both files, prints the metric cells that differ (exit 1 if any)
-and the relative difference of the latency median and p90 between the two runs.
+and the relative difference of the latency median and p90 (at each timed batch size) between the two runs.
 """
 
 from __future__ import annotations
@@ -14,6 +14,15 @@ from pathlib import Path
 
 TIMING = {"latency median (ms)", "p90 (ms)", "speed-up", "opt. time (s)"}
 IGNORED = {"notes"}
+
+
+def is_timing(column: str) -> bool:
+    """Timing columns, including the per-batch ones (`latency b16 (ms)`, `p90 b1 (ms)`, `speed-up b16`)."""
+    return column in TIMING or column.startswith(("latency b", "p90 b", "speed-up b"))
+
+
+def _latency_columns(row: dict[str, str]) -> list[str]:
+    return [c for c in row if c in ("latency median (ms)", "p90 (ms)") or c.startswith(("latency b", "p90 b"))]
 
 
 def tables(text: str) -> dict[str, dict[str, dict[str, str]]]:
@@ -54,12 +63,12 @@ def compare(a: str, b: str) -> tuple[list[str], list[str]]:
             if other is None:
                 continue
             for col, cell in row.items():
-                if col in TIMING or col in IGNORED:
+                if is_timing(col) or col in IGNORED:
                     continue
                 if other.get(col) != cell:
                     differences.append(f"{section} / {name} / {col}: {cell} vs {other.get(col)}")
             parts = []
-            for col in ("latency median (ms)", "p90 (ms)"):
+            for col in _latency_columns(row):
                 x, y = _num(row.get(col, "")), _num(other.get(col, ""))
                 if x and y:
                     parts.append(f"{col.split(' (')[0]} {x:.3f} vs {y:.3f} ({(y - x) / x:+.1%})")

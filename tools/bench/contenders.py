@@ -1,6 +1,7 @@
 """Contenders: ways of turning the fp32 ONNX model into the one that is benchmarked.
 
-A contender is a function `(fp32_path, calibration_feeds, workdir) -> Optimized(path, seconds)`:
+A contender is a function `(fp32_path, calibration_feeds, workdir) -> Optimized(path, seconds)` (one that also
+takes a `task` keyword gets the model's name, e.g. "minilm"):
 it reads the fp32 model (never modifies it), may use the calibration feeds (a list of {input name: array}, separate
 from the evaluation data), writes whatever it needs under `workdir` (an empty folder of its own) and returns the
 model to benchmark plus the seconds its optimization took. Raising an exception marks the contender as failed for
@@ -222,7 +223,9 @@ def _first_line(exc: BaseException) -> str:
     return line if len(line) <= 160 else line[:157] + "..."
 
 
-# graphopt's passes register themselves as contenders too (kept in their own module).
+# graphopt's passes register themselves as contenders too (kept in their own module), and so do the peers (NNCF,
+# onnxruntime's MatMulNBitsQuantizer).
 from . import graphopt_contenders  # noqa: E402,F401
+from . import peers  # noqa: E402,F401
 
 DEFAULT_CONTENDERS = DEFAULT_CONTENDERS + graphopt_contenders.QDQ_CONTENDERS

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import inspect
 import os
 import shutil
 import subprocess
@@ -55,6 +56,18 @@ def floor_header(floor: float | None, fp32_ms: float | None, twin_ms: float | No
     return (f"`{TWIN}` (a second session of the unchanged fp32 model, in the same interleaved run) measured "
             f"{twin_ms:.3f} ms against `fp32`'s {fp32_ms:.3f} ms, {floor:.1%} apart: a median-latency difference of "
             f"at most {floor:.1%} is a tie (speed-up marked \"(tie)\"); one run's floor, itself noisy")
+
+
+def floors_header(floors: dict[int, float | None], fp32: dict[int, Latency | None],
+                  twin: dict[int, Latency | None]) -> str:
+    """The noise floor of each latency batch, in one line."""
+    parts = [f"batch {b}: `{TWIN}` {twin[b].median_ms:.3f} ms against `fp32`'s {fp32[b].median_ms:.3f} ms, "
+             f"{f:.1%} apart" for b, f in floors.items() if f is not None]
+    if not parts:
+        return ""
+    return (f"`{TWIN}` (a second session of the unchanged fp32 model, in the same interleaved run) measured "
+            + "; ".join(parts) + ": at each batch, a median-latency difference within that batch's floor is a tie "
+            "(speed-up marked \"(tie)\"); one run's floors, themselves noisy")
 
 
 @dataclass
@@ -117,9 +130,11 @@ class Row:
     note: str = ""
     error: str = ""
     scores: dict[str, float] = field(default_factory=dict)
-    latency: Latency | None = None
+    latency: Latency | None = None  # at the first latency batch (batch 1 unless told otherwise)
     size_bytes: int | None = None
     parameters: int | None = None
+    latencies: dict[int, Latency] = field(default_factory=dict)  # batch -> latency
+    latency_errors: dict[int, str] = field(default_factory=dict)  # batch -> why it could not be timed there
 
     @property
     def failed(self) -> bool:
@@ -134,7 +149,9 @@ class Result:
     fp32_provenance: str
     calibration: str
     evaluation: Evaluation
-    noise_floor: float | None = None
+    noise_floor: float | None = None  # at the first latency batch
+    latency_batches: tuple[int, ...] = (1,)
+    noise_floors: dict[int, float | None] = field(default_factory=dict)  # batch -> noise floor
 
     def markdown(self, level: int = 2) -> str:
         return render(self, level)
@@ -199,8 +216,11 @@ def log(msg: str) -> None:
 
 def run_task(name: str, contender_names: list[str], *, threads: int = 2, limit: int | None = None,
              rebuild: bool = False, latency: LatencyConfig | None = None, cache: Path = CACHE,
-             command: str = "") -> Result:
+             command: str = "", latency_batches: tuple[int, ...] = (1,)) -> Result:
+    """Build, score and time every contender. Latency is measured at each of `latency_batches` (one interleaved
+    measurement per batch size, each with its own fp32_twin noise floor); `Row.latency` is the first batch's."""
     task = TASKS[name]
+    latency_batches = tuple(dict.fromkeys(int(b) for b in latency_batches)) or (1,)
     latency = latency or LatencyConfig()
     settings = RuntimeSettings(intra_op_threads=threads, inter_op_threads=1)
     names = list(dict.fromkeys(["fp32", TWIN, *contender_names]))  # fp32 is always there: the reference
@@ -231,8 +251,10 @@ def run_task(name: str, contender_names: list[str], *, threads: int = 2, limit: 
         workdir.mkdir(parents=True)
         log(f"{name}: building {cname}")
         try:
+            fn = C.get(cname)
+            extra = {"task": name} if "task" in inspect.signature(fn).parameters else {}  # peers tuned per model
             with contextlib.redirect_stdout(sys.stderr):  # ORT's calibrators print progress to stdout
-                opt = C.get(cname)(Path(fp32_path), calib, workdir)
+                opt = fn(Path(fp32_path), calib, workdir, **extra)
             opt = C.Optimized(*opt) if not isinstance(opt, C.Optimized) else opt
             row.path, row.seconds, row.note = Path(opt.path), float(opt.seconds), opt.note
             row.size_bytes = model_size(row.path)
@@ -263,21 +285,57 @@ def run_task(name: str, contender_names: list[str], *, threads: int = 2, limit: 
                  f"; the 1-minute load average did not fall below {latency.quiet_load:g} within {waited:.0f} s: "
                  "timed on a busy machine")
     load_before = os.getloadavg()
-    log(f"{name}: measuring latency of {len(live)} models interleaved (load average {load_before[0]:.2f})")
+    by_name = {r.name: r for r in rows}
+    floors: dict[int, float | None] = {}
+    runs: dict[int, int] = {}
     with OtherLoad() as other:
-        lats = measure_latencies([sessions[r.name] for r in live], ev.latency_feed, warmup=latency.warmup,
-                                 repeats=latency.repeats, min_seconds=latency.min_seconds,
-                                 max_seconds=latency.max_seconds, threads=threads)
+        for b in latency_batches:
+            feed = ev.latency_feed_of(b)
+            timed = []
+            for r in live:  # a model that cannot run this batch (e.g. a fixed batch size) is left out of it
+                try:
+                    sessions[r.name].run(None, feed)
+                    timed.append(r)
+                except Exception as exc:
+                    r.latency_errors[b] = _first_line(exc)
+                    log(f"{name}: {r.name} cannot be timed at batch {b}: {r.latency_errors[b]}")
+            log(f"{name}: measuring latency of {len(timed)} models interleaved at batch {b} "
+                f"(load average {os.getloadavg()[0]:.2f})")
+            lats = measure_latencies([sessions[r.name] for r in timed], feed, warmup=latency.warmup,
+                                     repeats=latency.repeats, min_seconds=latency.min_seconds,
+                                     max_seconds=latency.max_seconds, threads=threads) if timed else []
+            for r, lat in zip(timed, lats):
+                r.latencies[b] = lat
+            runs[b] = min((l.runs for l in lats), default=0)
+            fp32_b, twin_b = by_name["fp32"].latencies.get(b), by_name[TWIN].latencies.get(b)
+            floors[b] = noise_floor(fp32_b, twin_b)
     load_after = os.getloadavg()
     if other.fraction is not None:
         quiet += f"; other processes used {other.fraction:.0%} of the CPU while timing"
-    for r, lat in zip(live, lats):
-        r.latency = lat
-    by_name = {r.name: r for r in rows}
+    first = latency_batches[0]
+    for r in rows:
+        r.latency = r.latencies.get(first)
     fp32_lat = by_name["fp32"].latency
     twin_lat = by_name[TWIN].latency if TWIN in by_name else None
-    floor = noise_floor(fp32_lat, twin_lat)
-    batch = next(iter(ev.latency_feed.values())).shape[0] if ev.latency_feed else None
+    floor = floors.get(first)
+    if len(latency_batches) == 1:
+        batch = next(iter(ev.latency_feed_of(first).values())).shape[0]
+        latency_text = (f"{ev.latency_description_of(first)}; ORT CPU EP, {threads} intra-op threads, 1 inter-op, "
+                        f"graph optimization all; sessions measured interleaved in rounds of 5 (graphopt.core.runtime."
+                        f"measure_latencies), {latency.warmup} warm-up runs each, {runs[first]}+ timed runs each")
+        batch_text = f"batch {batch}; {threads} intra-op threads, 1 inter-op thread"
+        floor_text = floor_header(floor, fp32_lat.median_ms if fp32_lat else None,
+                                  twin_lat.median_ms if twin_lat else None)
+    else:
+        latency_text = ("; ".join(f"batch {b}: {ev.latency_description_of(b)}" for b in latency_batches)
+                        + f". ORT CPU EP, {threads} intra-op threads, 1 inter-op, graph optimization all; one "
+                        "measurement per batch size, its sessions interleaved in rounds of 5 (graphopt.core.runtime."
+                        f"measure_latencies), {latency.warmup} warm-up runs each; timed runs each: "
+                        + ", ".join(f"{runs[b]}+ at batch {b}" for b in latency_batches))
+        batch_text = (f"batches {', '.join(map(str, latency_batches))} (columns \"bB\"); {threads} intra-op "
+                      "threads, 1 inter-op thread")
+        floor_text = floors_header(floors, {b: by_name["fp32"].latencies.get(b) for b in latency_batches},
+                                   {b: by_name[TWIN].latencies.get(b) for b in latency_batches})
 
     m = machine()
     header = {
@@ -285,13 +343,9 @@ def run_task(name: str, contender_names: list[str], *, threads: int = 2, limit: 
         "fp32 model": provenance,
         "evaluation": ev.description,
         "calibration": calib_desc,
-        "latency": (f"{ev.latency_description}; ORT CPU EP, {threads} intra-op threads, 1 inter-op, graph "
-                    f"optimization all; sessions measured interleaved in rounds of 5 (graphopt.core.runtime."
-                    f"measure_latencies), {latency.warmup} warm-up runs each, "
-                    f"{min(l.runs for l in lats) if lats else 0}+ timed runs each"),
-        "batch / threads": f"batch {batch}; {threads} intra-op threads, 1 inter-op thread",
-        "noise floor": floor_header(floor, fp32_lat.median_ms if fp32_lat else None,
-                                    twin_lat.median_ms if twin_lat else None),
+        "latency": latency_text,
+        "batch / threads": batch_text,
+        "noise floor": floor_text,
         "contenders": "; ".join(f"`{n}`: {TWIN_NOTE if n == TWIN else C.describe(n)}" for n in names),
         "ORT settings": C.ORT_SETTINGS if any(n.startswith("ort_") for n in names) else "",
         "machine": f"{m['cpu']}, {m['cores']} cores; onnxruntime {m['onnxruntime']}; Python {m['python']}; "
@@ -301,7 +355,7 @@ def run_task(name: str, contender_names: list[str], *, threads: int = 2, limit: 
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "command": f"`{command}`" if command else "",
     }
-    return Result(task, rows, header, provenance, calib_desc, ev, floor)
+    return Result(task, rows, header, provenance, calib_desc, ev, floor, latency_batches, floors)
 
 
 # ------------------------------------------------------------------------------------------------------ render
@@ -315,8 +369,37 @@ TABLE_COLUMNS = ["contender", "latency median (ms)", "p90 (ms)", "speed-up", "si
                  "opt. time (s)", "notes"]
 
 
-def table_headers(columns: list[Column]) -> list[str]:
-    return ["contender", *[c.header for c in columns], *TABLE_COLUMNS[1:]]
+def latency_headers(batches: tuple[int, ...] = (1,)) -> list[str]:
+    """The latency columns: one batch as before (median, p90, speed-up); several: median and speed-up per batch,
+    p90 for the first batch only (the table is wide enough)."""
+    if len(batches) == 1:
+        return TABLE_COLUMNS[1:4]
+    out = []
+    for i, b in enumerate(batches):
+        out += [f"latency b{b} (ms)", *([f"p90 b{b} (ms)"] if i == 0 else []), f"speed-up b{b}"]
+    return out
+
+
+def table_headers(columns: list[Column], batches: tuple[int, ...] = (1,)) -> list[str]:
+    return ["contender", *[c.header for c in columns], *latency_headers(batches), *TABLE_COLUMNS[4:]]
+
+
+def _latency_cells(result: Result, r: Row, ref: Row | None) -> list[str]:
+    def at(row: Row | None, b: int) -> Latency | None:
+        if row is None:
+            return None
+        return row.latencies.get(b) or (row.latency if len(result.latency_batches) == 1 else None)
+
+    cells = []
+    for i, b in enumerate(result.latency_batches):
+        lat, ref_lat = at(r, b), at(ref, b)
+        if lat:
+            floor = result.noise_floors.get(b, result.noise_floor if i == 0 else None)
+            speed = speedup_cell(ref_lat.median_ms if ref_lat else None, lat.median_ms, floor, is_ref=r is ref)
+            cells += [f"{lat.median_ms:.3f}", *([f"{lat.p90_ms:.3f}"] if i == 0 else []), speed]
+        else:
+            cells += ["–", *(["–"] if i == 0 else []), "–"]
+    return cells
 
 
 def render(result: Result, level: int = 2) -> str:
@@ -328,7 +411,7 @@ def render(result: Result, level: int = 2) -> str:
     for note in result.task.notes:
         lines.append(f"- {note}")
     lines.append("")
-    headers = table_headers(result.task.columns)
+    headers = table_headers(result.task.columns, result.latency_batches)
     lines.append("| " + " | ".join(headers) + " |")
     lines.append("|" + "|".join("---" if i == 0 or headers[i] == "notes" else "---:"
                                 for i in range(len(headers))) + "|")
@@ -336,16 +419,14 @@ def render(result: Result, level: int = 2) -> str:
     for r in result.rows:
         cells = [f"`{r.name}`"]
         cells += [_fmt(r.scores.get(c.key), c.fmt) for c in result.task.columns]
-        if r.latency:
-            speed = speedup_cell(ref.latency.median_ms if ref else None, r.latency.median_ms, result.noise_floor,
-                                 is_ref=r is ref)
-            cells += [f"{r.latency.median_ms:.3f}", f"{r.latency.p90_ms:.3f}", speed]
-        else:
-            cells += ["–", "–", "–"]
+        cells += _latency_cells(result, r, ref)
         cells += [_fmt(r.size_bytes / 1e6 if r.size_bytes is not None else None, ".3f"),
                   f"{r.parameters:,}" if r.parameters is not None else "–",
                   _fmt(r.seconds, ".1f")]
         note = f"**failed**: {r.error}" if r.failed else r.note
+        if r.latency_errors and not r.failed:
+            note = "; ".join([note] * bool(note) + [f"not timed at batch {b}: {e}" for b, e in
+                                                    r.latency_errors.items()])
         cells.append(note.replace("|", "\\|").replace("\n", " "))
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")

@@ -273,29 +273,6 @@ PASS_DOCS = {
 }
 
 
-def _nncf_version() -> str:
-    try:
-        from importlib.metadata import version
-
-        return version("nncf")
-    except Exception:
-        return "not installed"
-
-
-def _nncf(fp32_path, feeds, workdir):
-    import nncf
-    import onnx
-
-    t0 = time.perf_counter()
-    model = onnx.load(str(fp32_path))
-    rows = [{k: v[i:i + 1] for k, v in f.items()} for f in feeds for i in range(len(next(iter(f.values()))))]
-    quantized = nncf.quantize(model, nncf.Dataset(rows), subset_size=len(rows))
-    out = Path(workdir) / "model.onnx"
-    onnx.save(quantized, str(out))
-    return C.Optimized(out, time.perf_counter() - t0, f"nncf {_nncf_version()} `nncf.quantize` (ONNX backend, "
-                       f"default preset, subset_size={len(rows)}) on the {len(rows)} calibration crops, one per item")
-
-
 def _parse_variants(text: str) -> list[tuple[str, dict]]:
     out = []
     for part in filter(None, (p.strip() for p in text.split(";"))):
@@ -338,11 +315,7 @@ def register(model_name: str, variants: list[tuple[str, dict]], split, nncf: boo
                           + ("" if params.get("train_data") == "none" else ", train_data as below"))
             C.contender(name)(fn)
             names.append(name)
-        if kind == "qdq" and nncf:
-            C.contender("nncf_ptq")(_nncf)
-            C.CONTENDERS["nncf_ptq"].__doc__ = (f"NNCF {_nncf_version()} post-training quantization, ONNX backend "
-                                                "(`nncf.quantize` on the fp32 ModelProto, default preset), timed in "
-                                                "onnxruntime like every row")
+        if kind == "qdq" and nncf:  # the peer of tools/bench/peers.py (registered with the other contenders)
             names.append("nncf_ptq")
     return names
 

@@ -3,10 +3,12 @@
 
     python tools/bench/run.py --model mobilenet_v2 [--contenders fp32,ort_minmax,ort_percentile,ort_entropy]
                               [--threads 2] [--out tools/bench/results/mobilenet_v2.md] [--limit N]
+                              [--latency-batches 1,16]
     python tools/bench/run.py --all        # fashion_resnet, mobilenet_v2, minilm -> tools/bench/RESULTS.md
 
 Every contender runs in this one process on the same calibration and evaluation inputs; latencies of all of them
-are measured interleaved. The table is printed and written atomically to --out. See tools/bench/README.md.
+are measured interleaved, once per --latency-batches size (batch 1 and 16 by default), each with its own fp32_twin
+noise floor. The table is printed and written atomically to --out. See tools/bench/README.md.
 """
 
 from __future__ import annotations
@@ -59,6 +61,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--latency-seconds", type=float, default=3.0,
                    help="minimum timed seconds per model in the latency measurement (default 3)")
     p.add_argument("--latency-warmup", type=int, default=20)
+    p.add_argument("--latency-batches", default="1,16", metavar="B,B",
+                   help="batch sizes to time every contender at, each its own interleaved measurement with its own "
+                        "fp32_twin noise floor (default 1,16; e.g. 1,16,256 for fashion_resnet)")
     p.add_argument("--quiet-load", type=float, metavar="LOAD",
                    help="before each latency measurement, wait until the 1-minute load average is below LOAD "
                         "(the CPU is shared; e.g. 1.0 for figures you commit)")
@@ -73,6 +78,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
         p.error("--threads must be at least 1")
     if args.limit is not None and args.limit < 1:
         p.error("--limit must be at least 1")
+    try:
+        args.latency_batches = tuple(dict.fromkeys(int(b) for b in args.latency_batches.split(",") if b.strip()))
+    except ValueError:
+        p.error(f"--latency-batches: comma-separated integers, got {args.latency_batches!r}")
+    if not args.latency_batches or min(args.latency_batches) < 1:
+        p.error("--latency-batches: at least one batch size, each at least 1")
     return args
 
 
@@ -88,9 +99,10 @@ def _preamble(produced_by: str) -> str:
         "# graphopt benchmark: reference models",
         "",
         f"Produced by {produced_by}; one section per model, each also in `tools/bench/results/MODEL.md`. Speed-up "
-        "is fp32 median latency / contender median latency, measured in the same process, interleaved. `fp32_twin` "
-        "is a second session of the unchanged fp32 model timed in the same run: how far it lands from 1.00× is "
-        "that table's noise floor, and a speed-up within it is marked \"(tie)\". Size is the ONNX file on disk; "
+        "is fp32 median latency / contender median latency, measured in the same process, interleaved, at each "
+        "batch size of the section's header (columns bB: batch B). `fp32_twin` is a second session of the "
+        "unchanged fp32 model timed in the same run: how far it lands from 1.00× at a batch size is that batch's "
+        "noise floor, and a speed-up within it is marked \"(tie)\". Size is the ONNX file on disk; "
         "params is the sum of initializer element counts; opt. time is what building the contender took (ORT: "
         "quant_pre_process + calibration + quantization). MobileNetV2 is evaluated on photos calibration never "
         "saw."])
@@ -104,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
                             max_seconds=max(30.0, 10 * args.latency_seconds), quiet_load=args.quiet_load,
                             quiet_timeout=args.quiet_timeout)
     kw = dict(threads=args.threads, limit=args.limit, rebuild=args.rebuild, latency=latency, cache=args.cache,
-              command=command)
+              command=command, latency_batches=args.latency_batches)
     if args.model:
         result = run_task(args.model, _contenders(args, args.model), **kw)
         text = result.markdown(level=1)

