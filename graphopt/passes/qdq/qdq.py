@@ -58,7 +58,7 @@ class QDQ(Pass):
     # computed at run time: DynamicQuantizeMatMul; slower than static where static fuses, much more accurate where
     # activations have outliers, e.g. transformers); "static" or "dynamic" offers only that one (Conv is static)
     activations: str = "auto"
-    smoothing: bool = True  # dynamic-capable sites: move activation outliers into the weights where that measures better
+    smoothing: bool = True  # MatMul/Gemm inputs with outlier channels: move them into the weights where that helps
     # int4 weight-only on the menu: MatMul as MatMulNBits, embedding tables as GatherBlockQuantized
     int4: bool = True
     int4_accuracy_level: int = 4  # MatMulNBits compute type: 4 rounds activations to int8 per block (fast), 0 fp32
@@ -202,7 +202,8 @@ class QDQ(Pass):
         count = {f: sum(1 for v in chosen.values() if v == f) for f in PRECISIONS}
         counters = {"sites": len(chosen), "int8": count[STATIC], "int8_dynamic": count[DYNAMIC],
                     "int4": count[INT4], "fp32": count[FP32],
-                    "fused": sum(1 for n, f in chosen.items() if f in (STATIC, DYNAMIC) and ran.get(n) in INTEGER_KERNELS),
+                    "fused": sum(1 for n, f in chosen.items()
+                                 if f in (STATIC, DYNAMIC) and ran.get(n) in INTEGER_KERNELS),
                     "int4_fused": sum(1 for n, f in chosen.items() if f == INT4 and ran.get(n) in INT4_KERNELS),
                     "predicted_distortion": round(predicted, 6), "measured_distortion": round(measured, 6),
                     **budget_counters}
