@@ -18,7 +18,8 @@ from graphopt.passes.qdq.gptq import INT4, INT8, gptq_round
 from graphopt.passes.qdq.int4 import block_scales, blocked_int4, expand_scales
 
 
-def _encoder() -> tuple[Model, list[dict]]:
+@pytest.fixture(scope="module")
+def encoder() -> tuple[Model, list[dict]]:
     """The BERT-style test encoder (random weights: this is about the allocation, not fidelity) with one hidden
     channel of every LayerNorm scaled up 40x: the outlier features of trained transformers, which a calibrated
     static scale must cover on every call."""
@@ -64,9 +65,9 @@ def _float_sites_timer(monkeypatch):
     monkeypatch.setattr(qdq_module, "measure_latencies", timer)
 
 
-def test_a_transformer_gets_dynamic_int8_by_default(monkeypatch):
+def test_a_transformer_gets_dynamic_int8_by_default(monkeypatch, encoder):
     _float_sites_timer(monkeypatch)
-    model, samples = _encoder()
+    model, samples = encoder
     result = create("qdq", {"calibration_samples": "16", "sensitivity_samples": "8", "int4": "false",
                             "latency_slack": "0.0001"}).run(model, Context(inputs=split_samples(samples)))
     forms = {d.site: d.action for d in result.decisions if d.site != "model" and d.action != "skipped"}
@@ -85,9 +86,9 @@ def test_a_transformer_gets_dynamic_int8_by_default(monkeypatch):
     assert result.counters["measured_distortion"] < static.counters["measured_distortion"]
 
 
-def test_a_latency_budget_no_menu_meets_names_the_best_assignment(monkeypatch):
+def test_a_latency_budget_no_menu_meets_names_the_best_assignment(monkeypatch, encoder):
     _float_sites_timer(monkeypatch)
-    model, samples = _encoder()
+    model, samples = encoder
     with pytest.raises(BudgetInfeasible, match=r"fastest assignment is all-int8.* at .* ms .*measured: all-int8"):
         create("qdq", {"target_speedup": "50", "calibration_samples": "8", "sensitivity_samples": "4"}).run(
             model, Context(inputs=split_samples(samples)))

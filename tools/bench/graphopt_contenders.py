@@ -82,9 +82,9 @@ QDQ_VARIANTS = {  # name: (parameters, what it is)
                                                         "GatherBlockQuantized, block 32"),
     "graphopt_qdq_int4_size5x_gptq": ({"max_size_mb": 18.0, "rounding": "gptq"},
                                       "as graphopt_qdq_int4_size5x with GPTQ rounding"),
-    "graphopt_qdq_int4_size14": ({"max_size_mb": 14.3}, "graphopt qdq under max_size_mb=14.3 (the size of "
+    "graphopt_qdq_int4_size14": ({"max_size_mb": 14.4}, "graphopt qdq under max_size_mb=14.4 (about the size of "
                                                         "onnxruntime's all-int4 ort_nbits_rtn)"),
-    "graphopt_qdq_int4_size14_gptq": ({"max_size_mb": 14.3, "rounding": "gptq"},
+    "graphopt_qdq_int4_size14_gptq": ({"max_size_mb": 14.4, "rounding": "gptq"},
                                       "as graphopt_qdq_int4_size14 with GPTQ rounding"),
 }
 for _name, (_params, _doc) in QDQ_VARIANTS.items():

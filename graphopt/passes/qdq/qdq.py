@@ -150,26 +150,24 @@ class QDQ(Pass):
 
             ctx.progress("qdq: GPTQ rounding (input second moments of every site)")
             codes8, codes4 = gptq_codes(model, usable, menus, calib, ctx.runtime, ctx.progress)
-        shifts = {}
-
-        def plan_for(static: set[str]):
-            plan = make_plan(model, sites, static, ranges)
-            plan.bias_shift = {n: shifts[n] for n in static if n in shifts}
-            return plan
-
+        shifts = {}  # per-site bias shifts: what each site's sensitivity is measured with
         if self.bias_correction and static_ok:
             ctx.progress("qdq: bias correction (channel means of the site inputs, float and fake-quantized)")
             tensors = make_plan(model, sites, static_ok, ranges).tensors
             shifts = bias_shifts(model, sites, static_ok, tensors, calib, settings=ctx.runtime, codes=codes8)
-            shifts, how = self._refined_shifts(model, sites, static_ok, shifts, plan_for, codes8, calib, probe,
-                                               reference, scores, ctx)
-            decisions.append(Decision("model", "bias correction", how))
 
-        def build(assign: dict[str, str]) -> Model:
+        def plan_for(static: set[str], bias_shift: dict | None = None):
+            plan = make_plan(model, sites, static, ranges)
+            bias_shift = shifts if bias_shift is None else bias_shift
+            plan.bias_shift = {n: bias_shift[n] for n in static if n in bias_shift}
+            return plan
+
+        def build(assign: dict[str, str], bias_shift: dict | None = None) -> Model:
             """The model with each named site in its form (sites not named stay float)."""
             static = {n for n, f in assign.items() if f == STATIC}
             others = {n for n, f in assign.items() if f in (DYNAMIC, INT4)}
-            out = rewrite(model, sites, plan_for(static), codes=codes8, not_float=others) if static else model
+            out = rewrite(model, sites, plan_for(static, bias_shift), codes=codes8, not_float=others) \
+                if static else model
             dynamic = [by_name[n] for n, f in sorted(assign.items()) if f == DYNAMIC]
             out = to_dynamic(out, dynamic, codes=codes8) if dynamic else out
             int4 = [by_name[n] for n, f in sorted(assign.items()) if f == INT4]
@@ -191,9 +189,31 @@ class QDQ(Pass):
                                                              overrides, ctx, frontier, budget_counters)
         chosen = {name: o.label for name, o in allocation.choice.items()}
         chosen.update(overrides)
-        plan = plan_for({n for n, f in chosen.items() if f == STATIC})
-        result = build(chosen)
+        static = {n for n, f in chosen.items() if f == STATIC}
+        final_shift = shifts
+        if shifts and static:  # against this assignment: upstream drift depends on which sites are int8
+            final_shift, how = self._refined_shifts(model, sites, static, shifts, lambda sh: build(chosen, sh), calib,
+                                                    probe, reference, scores, ctx)
+            decisions.append(Decision("model", "bias correction", how))
+        result = build(chosen, final_shift)
         measured = distortion(reference, run(make_session(result, ctx.runtime), probe), scores)
+        base_form = budget_counters.get("base_form")
+        if base_form and not overrides and self.min_agreement is None and self.max_error is None:
+            # sites kept off the base form must pay for their latency in measured distortion: single-site figures
+            # do not see the errors that cancel between neighbouring int8 sites
+            base = {n: (base_form if base_form in m else m[0]) if m[0] != INT4 else FP32 for n, m in menus.items()}
+            if base != chosen:
+                b_static = {n for n, f in base.items() if f == STATIC}
+                b_shift = self._refined_shifts(model, sites, b_static, shifts, lambda sh: build(base, sh), calib,
+                                               probe, reference, scores, ctx)[0] if shifts and b_static else shifts
+                b_model = build(base, b_shift)
+                b_measured = distortion(reference, run(make_session(b_model, ctx.runtime), probe), scores)
+                if b_measured <= measured:
+                    decisions.append(Decision("model", f"all-{base_form}", (
+                        f"the chosen assignment measured distortion {measured:.3g} on the calibration rows, the faster "
+                        f"all-{base_form} {b_measured:.3g}: every site takes its base form")))
+                    chosen, static, final_shift, result, measured = base, b_static, b_shift, b_model, b_measured
+        plan = plan_for(static, final_shift)
         ran = kernels(result, ctx.runtime)
         predicted = sum(sensitivity[n][f] for n, f in chosen.items())
         for s in usable + tables:
@@ -210,22 +230,17 @@ class QDQ(Pass):
         details = {"frontier": frontier} if frontier else {}
         return PassResult(result, count[FP32] < len(chosen), counters, decisions, details)
 
-    def _refined_shifts(self, model, sites, static, shifts, plan_for, codes8, calib, probe, reference, scores, ctx):
-        """The per-site bias shifts, or the ones refined against the all-int8 model (upstream drift included),
-        whichever gives the all-static-int8 model the lower distortion on the probe rows."""
-        def all_static(sh) -> Model:
-            plan = plan_for(static)
-            plan.bias_shift = {n: sh[n] for n in static if n in sh}
-            return rewrite(model, sites, plan, codes=codes8)
-
-        refined = refine_shifts(model, sites, static, shifts, all_static, first_rows(calib, REFINE_ROWS),
+    def _refined_shifts(self, model, sites, static, shifts, build, calib, probe, reference, scores, ctx):
+        """The per-site bias shifts, or the ones refined against the chosen model `build(shifts)` (upstream drift
+        included), whichever gives that model the lower distortion on the probe rows."""
+        refined = refine_shifts(model, sites, static, shifts, build, first_rows(calib, REFINE_ROWS),
                                 settings=ctx.runtime, progress=ctx.progress)
-        local, seq = (distortion(reference, run(make_session(all_static(sh), ctx.runtime), probe), scores)
+        local, seq = (distortion(reference, run(make_session(build(sh), ctx.runtime), probe), scores)
                       for sh in (shifts, refined))
         keep = seq < local
         return (refined if keep else shifts), (
-            f"bias correction {'refined against the all-int8 model' if keep else 'per site'}: all-static "
-            f"distortion {local:.3g} per site, {seq:.3g} refined")
+            f"bias correction {'refined in graph order against this model' if keep else 'per site'}: distortion "
+            f"{local:.3g} per site, {seq:.3g} refined")
 
     def _latency_allocation(self, usable, tables, menus, sensitivity, build, model, overrides, ctx, frontier,
                             counters):
