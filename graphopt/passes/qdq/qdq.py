@@ -184,9 +184,10 @@ class QDQ(Pass):
         if self.max_size_mb is not None:
             allocation, keep_cost = self._size_allocation(usable + tables, menus, sensitivity, build,
                                                           budget_counters)
+            base = None
         else:
-            allocation, keep_cost = self._latency_allocation(usable, tables, menus, sensitivity, build, model,
-                                                             overrides, ctx, frontier, budget_counters)
+            allocation, keep_cost, base = self._latency_allocation(usable, tables, menus, sensitivity, build, model,
+                                                                   overrides, ctx, frontier, budget_counters)
         chosen = {name: o.label for name, o in allocation.choice.items()}
         chosen.update(overrides)
         static = {n for n, f in chosen.items() if f == STATIC}
@@ -198,10 +199,9 @@ class QDQ(Pass):
         result = build(chosen, final_shift)
         measured = distortion(reference, run(make_session(result, ctx.runtime), probe), scores)
         base_form = budget_counters.get("base_form")
-        if base_form and not overrides and self.min_agreement is None and self.max_error is None:
+        if base and not overrides and self.min_agreement is None and self.max_error is None:
             # sites kept off the base form must pay for their latency in measured distortion: single-site figures
             # do not see the errors that cancel between neighbouring int8 sites
-            base = {n: (base_form if base_form in m else m[0]) if m[0] != INT4 else FP32 for n, m in menus.items()}
             if base != chosen:
                 b_static = {n for n, f in base.items() if f == STATIC}
                 b_shift = self._refined_shifts(model, sites, b_static, shifts, lambda sh: build(base, sh), calib,
@@ -248,7 +248,8 @@ class QDQ(Pass):
         dynamic, measured). A site's cost of staying float is measured against the base with that site alone in
         float; its cost of another quantized form is that form's whole-model difference (every site that can in
         that form, measured) shared by weight size. Tables cost nothing in either form (GatherBlockQuantized reads
-        only the gathered rows). Budget from target_speedup, or the base latency plus latency_slack."""
+        only the gathered rows). Budget from target_speedup, or the base latency plus latency_slack.
+        Returns (allocation, each site's float cost in words, the base assignment)."""
         ctx.progress("qdq: latency of the fp32 model and of each all-quantized form")
         feed = ctx.latency_feed(model)
         anchors = {}
@@ -275,7 +276,7 @@ class QDQ(Pass):
             counters.update(target_ms=round(base_ms, 3))
             choice = {n: Option(f, 0.0, sensitivity[n][f]) for n, f in base.items()}
             return (Allocation(choice, 0.0, sum(o.distortion for o in choice.values()), 0.0, "no slack"),
-                    {n: "not measured (latency_slack 0)" for n in menus})
+                    {n: "not measured (latency_slack 0)" for n in menus}, base)
         # one site left float at a time, against the base timed in the same interleaved round; a bounded number
         # of sessions is alive at once (each holds a copy of the weights)
         ctx.progress(f"qdq: latency of each site kept in float, against all-{base_form}")
@@ -326,7 +327,7 @@ class QDQ(Pass):
         described = {n: f"{c:+.3f} ms, +{beta:.3f} ms per int8 neighbour (alone: +{loo[n]:.3f} ms)"
                      for n, c in keep_cost.items() if n in loo}
         described.update({t.node: "no latency cost either way" for t in tables})
-        return allocation, described
+        return allocation, described, base
 
     def _size_allocation(self, sites, menus, sensitivity, build, counters):
         """Options priced in bytes per weight element: fp32 4, int8 1, int4 0.625 (half a byte and a float scale
