@@ -33,6 +33,7 @@ examples:
   graphopt optimize model.onnx --pass fold_batchnorm --pass remove_dead --report report.json
   graphopt optimize bert.onnx --input-shape input_ids=1x128 --input-shape attention_mask=1x128
   graphopt optimize model.onnx --recipe recipe.toml --max-error 1e-3
+  graphopt optimize model.onnx --target-speedup 2 --min-agreement 0.9 --calib crops.npz   # search a recipe
   graphopt inspect model.onnx
   graphopt compare model.onnx model.opt.onnx --calib inputs.npz
   graphopt bench model.onnx --threads 1
@@ -116,6 +117,26 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--max-size-mb", type=float, metavar="MB",
                      help=f"size budget for the passes that take one ({', '.join(passes_taking('max_size_mb'))}): "
                           "the output at most MB megabytes")
+    opt.add_argument("--max-latency-ms", type=float, metavar="MS",
+                     help="latency budget in ms at the latency shape (a search; layermerge takes it too)")
+    search = opt.add_argument_group(
+        "search (a budget and a fidelity floor with no --pass or --recipe: graphopt finds the recipe)")
+    search.add_argument("--max-drop", type=float, metavar="PT",
+                        help="fidelity floor: top-1 accuracy points lost at most, against the 'labels' array of "
+                             "the --calib .npz")
+    search.add_argument("--passes", dest="search_passes", metavar="A,B,...",
+                        help="families the search may use (default: all searchable: "
+                             "layermerge,lowrank,prune,qdq,recover)")
+    search.add_argument("--max-minutes", type=float, metavar="M",
+                        help="time bound of the search (default 20); a build already running finishes")
+    search.add_argument("--workers", type=int, metavar="N",
+                        help="builds side by side in a process pool (default 1; their passes share the cores; "
+                             "every latency on the front is still timed one candidate at a time)")
+    search.add_argument("--ray", metavar="ADDRESS", help="run the builds as Ray tasks on this cluster ('auto': the "
+                                                          "local one)")
+    search.add_argument("--cache-dir", metavar="DIR",
+                        help="where built candidates are kept for a re-run (default ~/.cache/graphopt/search)")
+    search.add_argument("--no-cache", action="store_true", help="build every candidate afresh and keep none")
     opt.add_argument("--train-data", metavar="FILE|FOLDER",
                      help=f"further unlabeled inputs for the passes that train ({', '.join(passes_taking('train_data'))})"
                           ": .npz/.npy or a folder of them, besides the --calib fit samples; samples equal to "
@@ -128,6 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "then all read it)")
     opt.add_argument("--report", metavar="FILE.json", help="write the full report as JSON (never over an input; "
                                                             "an existing file only with --overwrite)")
+    opt.add_argument("--report-html", metavar="FILE.html",
+                     help="write the report as one self-contained HTML page (the front plot needs matplotlib)")
     opt.add_argument("--force", action="store_true", help="write the output even if verification fails")
     opt.add_argument("--overwrite", action="store_true", help="replace an existing output or report file")
     opt.add_argument("--external-data", action="store_true", help="store weights in OUTPUT.data")
@@ -278,22 +301,27 @@ def _output_path(args) -> Path:
     return out
 
 
-def _report_path(args, out: Path) -> Path | None:
-    """--report, checked before any work: the report must never replace an input or the output model (it is
-    written first, so the model would silently be lost), nor an existing file without --overwrite."""
-    if not args.report:
+def _report_path(args, out: Path, flag: str = "--report") -> Path | None:
+    """--report (or --report-html), checked before any work: the report must never replace an input or the
+    output model (it is written first, so the model would silently be lost), nor an existing file without
+    --overwrite."""
+    given = getattr(args, flag.lstrip("-").replace("-", "_"))
+    if not given:
         return None
-    report = Path(args.report)
+    report = Path(given)
     if report.is_dir():
-        raise InputError(f"{report}: is a folder; --report names the JSON file to write")
-    for what, other in (("the input model", args.model), ("the --calib file", args.calib),
-                        ("the --recipe file", args.recipe), ("the output model (-o)", out)):
+        raise InputError(f"{report}: is a folder; {flag} names the file to write")
+    others = [("the input model", args.model), ("the --calib file", args.calib), ("the --recipe file", args.recipe),
+              ("the output model (-o)", out)]
+    if flag == "--report-html":
+        others.append(("the --report file", args.report))
+    for what, other in others:
         if other and report.resolve() == Path(other).resolve():
-            raise InputError(f"{report}: is {what}; --report needs a file of its own")
+            raise InputError(f"{report}: is {what}; {flag} needs a file of its own")
     if report.exists() and not args.overwrite:
         raise InputError(f"{report}: already exists; pass --overwrite to replace it")
     if not report.resolve().parent.is_dir():
-        raise InputError(f"{args.report}: the report's folder does not exist")
+        raise InputError(f"{given}: the report's folder does not exist")
     return report
 
 
@@ -345,6 +373,17 @@ def cmd_optimize(args) -> int:
     say = _progress(args.quiet)
     out_path = _output_path(args)
     _report_path(args, out_path)
+    _report_path(args, out_path, "--report-html")
+    budget_given = any(v is not None for v in (args.target_speedup, args.max_latency_ms, args.max_size_mb))
+    if budget_given and not args.passes and not args.recipe:
+        return cmd_search(args, out_path, say)
+    search_only = [flag for flag, v in (("--max-drop", args.max_drop), ("--passes", args.search_passes),
+                                        ("--max-minutes", args.max_minutes), ("--workers", args.workers),
+                                        ("--ray", args.ray), ("--cache-dir", args.cache_dir),
+                                        ("--no-cache", args.no_cache or None)) if v is not None]
+    if search_only:
+        raise UsageError(f"{', '.join(search_only)} belong to a search: give a budget (--target-speedup, "
+                         "--max-latency-ms or --max-size-mb) and no --pass or --recipe")
     recipe_tolerance: dict = {}
     if args.recipe and args.passes:
         raise UsageError("give passes with --pass or with --recipe, not both")
@@ -356,6 +395,8 @@ def cmd_optimize(args) -> int:
         passes = [_with_default(p, "target_speedup", args.target_speedup) for p in passes]
     if args.max_size_mb is not None:
         passes = [_with_default(p, "max_size_mb", args.max_size_mb) for p in passes]
+    if args.max_latency_ms is not None:
+        passes = [_with_default(p, "max_latency_ms", args.max_latency_ms) for p in passes]
     if args.train_data is not None:
         if not any(hasattr(p, "train_data") for p in passes):
             raise UsageError(f"--train-data is for the passes that train ({', '.join(passes_taking('train_data'))}), "
@@ -379,9 +420,78 @@ def cmd_optimize(args) -> int:
 
     console = Console(highlight=False)
     report.render(console)
+    _write_reports(args, report, say)
+    if not report.passed and not args.force:
+        raise VerificationError("; ".join(report.violations) + f" (nothing written to {out_path}; --force writes)")
+    optimized.save(out_path, external_data=args.external_data or None, overwrite=True)
+    console.print(f"wrote {out_path}" + ("" if report.passed else " (verification failed, written by --force)"))
+    return 0 if report.passed else 1
+
+
+def _write_reports(args, report, say) -> None:
     if args.report:
         report.write_json(args.report)
         say(f"report written to {args.report}")
+    if args.report_html:
+        from .report_html import write_html
+
+        write_html(report.to_dict(), args.report_html, title=f"graphopt: {Path(args.model).name}")
+        say(f"HTML report written to {args.report_html}")
+
+
+def cmd_search(args, out_path: Path, say) -> int:
+    """A budget and a fidelity floor, no recipe: search one (graphopt.search), verify the chosen candidate on
+    the verification samples, write it. Exit 1 with the front and the best reachable points when nothing met the
+    budget."""
+    from .report import ModelStats, Report, render_search
+    from .search import DEFAULT_MAX_MINUTES, Budget, Search, verify_choice
+
+    if args.max_error is not None or args.max_abs_error is not None:
+        raise UsageError("a search's fidelity floor is --max-drop, --min-agreement or --min-cosine (--max-error and "
+                         "--max-abs-error bound a given recipe)")
+    if args.train_data is not None:
+        raise UsageError("--train-data goes with a given recipe (--pass recover:...), not with a search")
+    if args.strict:
+        raise UsageError("--strict goes with a given recipe: a search rolls nothing back, it measures candidates")
+    budget = Budget(target_speedup=args.target_speedup, max_latency_ms=args.max_latency_ms,
+                    max_size_mb=args.max_size_mb, max_drop=args.max_drop, min_agreement=args.min_agreement,
+                    min_cosine=args.min_cosine)
+    families = [f.strip() for f in args.search_passes.split(",") if f.strip()] if args.search_passes else None
+    if args.no_cache and args.cache_dir:
+        raise UsageError("--no-cache and --cache-dir contradict each other")
+    cache = False if args.no_cache else args.cache_dir
+    runtime = _runtime(args)
+    say(f"loading {args.model}")
+    model = Model.load(args.model)
+    if args.calib is None:
+        raise UsageError("a search needs real inputs: give --calib (its samples are split into fit, selection and "
+                         "verification)")
+    with _conversion_notes(say):
+        inputs = _inputs(args, model)
+    ctx = Context(inputs=inputs, runtime=runtime, seed=args.seed, progress=say, **_latency(args),
+                  output_kinds=_output_kinds(args))
+    search = Search(model, ctx, budget, families=families,
+                    max_minutes=DEFAULT_MAX_MINUTES if args.max_minutes is None else args.max_minutes,
+                    workers=args.workers or 1, ray=args.ray, cache_dir=cache)
+    result = search.run()
+    point = result.chosen or (result.best_reachable[0] if args.force and result.best_reachable else None)
+    console = Console(highlight=False)
+    if point is None:
+        report = Report(before=ModelStats.of(model), tolerance=budget.tolerance(), inputs=inputs.counts(),
+                        runtime=runtime, seconds=result.seconds, search=result.to_dict())
+        report.violations = ["no candidate met the budget on the selection samples"]
+        render_search(console, report.search)
+        _write_reports(args, report, say)
+        reach = "; ".join(f"[{p.id + 1}] {p.label}: {p.speedup:.2f}x, {budget.loss_name} {p.loss:.4g}"
+                          for p in result.best_reachable) or "nothing was measured"
+        raise VerificationError(f"no candidate met {budget.describe()} (best reachable: {reach}; nothing written to "
+                                f"{out_path})")
+    optimized, report = verify_choice(model, point, ctx, result, measure_latency=not args.no_latency)
+    if point is not result.chosen:
+        report.violations.insert(0, "no candidate met the budget on the selection samples; this is the fastest "
+                                    "within the floor, written by --force")
+    report.render(console)
+    _write_reports(args, report, say)
     if not report.passed and not args.force:
         raise VerificationError("; ".join(report.violations) + f" (nothing written to {out_path}; --force writes)")
     optimized.save(out_path, external_data=args.external_data or None, overwrite=True)

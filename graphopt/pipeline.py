@@ -42,6 +42,9 @@ class Pipeline:
     measure_latency: bool = True
     strict: bool = False  # a pass that fails verification fails the run instead of being rolled back
     allow_few_samples: bool = False  # let a lossy run verify on a single sample (which the passes also read)
+    # False: a lossy pass only has to give a valid model without new NaN/Inf (a search judges its candidates
+    # against the user's floor itself, and a stronger level must be measured, not rolled back)
+    pass_guard: bool = True
 
     def __post_init__(self):
         for p in self.passes:
@@ -153,7 +156,7 @@ class Pipeline:
             return record, model, model_out
         # a lossy pass that a recovery follows only has to produce a valid model without new NaN/Inf: how far it
         # may stray is judged after the recovery
-        own = Tolerance() if recovery_follows and not p.exact else p.tolerance()
+        own = Tolerance() if (recovery_follows or not self.pass_guard) and not p.exact else p.tolerance()
         record.tolerance = own.describe()
         verifier = p.verifier()
         problem, candidate_out = checks.validate(result.model, verifier)

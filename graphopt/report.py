@@ -57,6 +57,22 @@ class PassRecord:
                 "metrics_vs_original": [m.to_dict() for m in self.metrics_vs_original],
                 "metrics_before": [m.to_dict() for m in self.metrics_before]}
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "PassRecord":
+        """The record `to_dict` wrote (a search's build reports come back this way)."""
+        metrics = {k: [OutputMetrics(**m) for m in d.get(k, [])]
+                   for k in ("metrics", "metrics_vs_original", "metrics_before")}
+        return cls(name=d["name"], spec=d["spec"], status=d["status"], reason=d["reason"], exact=d["exact"],
+                   tolerance=d["tolerance"], seconds=d["seconds"], counters=d["counters"], details=d["details"],
+                   decisions=[Decision(**x) for x in d["decisions"]], **metrics)
+
+
+def json_plain(value):
+    """numpy scalars and arrays in a pass's counters or details, as JSON numbers and lists."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
 
 def machine() -> dict:
     cpu = platform.processor() or ""
@@ -87,6 +103,8 @@ class Report:
     latency_shape: dict[str, list[int]] | None = None  # the feed every latency figure was measured at
     warnings: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    accuracy: dict | None = None  # top-1 accuracy against labels: original, optimized, drop (points), samples
+    search: dict | None = None  # a search's front, chosen point and explanation (graphopt.search)
 
     @property
     def passed(self) -> bool:
@@ -114,14 +132,19 @@ class Report:
                         "speedup": self.speedup},
             "passes": [p.to_dict() for p in self.passes],
             "seconds": round(self.seconds, 3),
+            "accuracy": self.accuracy,
+            "search": self.search,
         }
 
     def write_json(self, path: str | os.PathLike) -> None:
-        write_text_atomic(Path(path), json.dumps(self.to_dict(), indent=2) + "\n")
+        write_text_atomic(Path(path), json.dumps(self.to_dict(), indent=2, default=json_plain) + "\n")
 
     # ------------------------------------------------------------------ terminal
     def render(self, console) -> None:
         from rich.table import Table
+
+        if self.search:
+            render_search(console, self.search)
 
         summary = Table(title="graphopt: before / after", show_lines=False)
         summary.add_column("")
@@ -190,12 +213,54 @@ class Report:
             errors.add_row(m.name, f"{m.max_abs:.3g}", f"{m.mean_abs:.3g}", f"{m.rel_l2:.3g}", f"{m.cosine:.6f}",
                            "-" if m.top1_agreement is None else f"{m.top1_agreement:.2%}", str(m.nonfinite_new))
         console.print(errors)
+        if self.accuracy:
+            a = self.accuracy
+            console.print(f"top-1 accuracy against the labels of {a['samples']} verification rows: original "
+                          f"{a['original']:.2f} %, optimized {a['optimized']:.2f} % ({-a['drop']:+.2f} points)",
+                          markup=False)
         for w in self.warnings:
             console.print(f"[yellow]warning:[/yellow] {w}")
         if self.passed:
             console.print("[green]verification passed[/green]")
         else:
             console.print("[red]verification FAILED:[/red] " + "; ".join(self.violations))
+
+
+def render_search(console, s: dict) -> None:
+    """A search's candidates (front marked, the chosen one first in bold), the explanation per family, its cost."""
+    from rich.table import Table
+
+    table = Table(title=f"search: {s['budget_text']} (figures on the selection samples)")
+    for col in ("#", "recipe", "speed-up", "size (MB)", "cosine", "agreement", "accuracy", s["loss_axis"], "verdict"):
+        table.add_column(col, overflow="fold", justify="left" if col in ("recipe", "verdict") else "right")
+    for p in s["points"]:
+        sel = p.get("selection") or {}
+        if p["status"] != "measured":
+            verdict = f"{p['status']}: {p['reason']}"
+        elif p["meets_cost"] and p["meets_floor"]:
+            verdict = "within budget"
+        else:
+            verdict = "; ".join(p["cost_violations"] + p["floor_violations"])
+        marks = ("chosen, " if p["id"] == s.get("chosen") else "") + ("front" if p["on_front"] else "")
+        table.add_row(str(p["id"] + 1), p["label"], _opt(p["speedup"], "{:.2f}x"), _opt(p["size_mb"], "{:.2f}"),
+                      _opt(sel.get("cosine"), "{:.4f}"), _opt(sel.get("agreement"), "{:.2%}"),
+                      _opt(sel.get("accuracy"), "{:.2f}%"), _opt(p["loss"], "{:.4g}"),
+                      (f"[{marks.rstrip(', ')}] " if marks else "") + verdict,
+                      style="bold green" if p["id"] == s.get("chosen") else None)
+    console.print(table)
+    for family, why in s["families"].items():
+        console.print(f"  {family}: {why}", markup=False)
+    first = s.get("first_valid_seconds")
+    console.print(f"search: {s['seconds']:.0f} s (bound {s['max_minutes']:g} min"
+                  + ("; the bound stopped it" if s["stopped_by_time"] else "") + "), first point within the budget "
+                  + (f"after {first:.0f} s" if first is not None else "never") + f"; builds {s['executor']}",
+                  markup=False)
+    for note in s.get("notes", []):
+        console.print(f"  {note}", markup=False)
+
+
+def _opt(v, fmt: str) -> str:
+    return "-" if v is None else fmt.format(v)
 
 
 def _op_changes(before: dict, after: dict) -> dict[str, tuple[int, int]]:

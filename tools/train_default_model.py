@@ -12,8 +12,9 @@ Outputs (written atomically into ``--out-dir``, default ``examples``):
   BatchNormalization nodes stay in the graph for graphopt to fold);
   input ``image`` [batch,1,28,28] float32 (normalised), output ``logits``
   [batch,10].
-* ``fashion_test.npz``          - one key ``image``: the first 512 test
-  images, normalised, float32, shape (512,1,28,28).
+* ``fashion_test.npz``          - ``image``: the first 512 test
+  images, normalised, float32, shape (512,1,28,28); ``labels``: their int64
+  labels (graphopt reads them for ``--max-drop``).
 * ``fashion_test_labels.npy``   - their int64 labels.
 
 The dataset is read from /usr/share/datasets/fashion-mnist (install it with
@@ -207,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def write_npz(tmp: str) -> None:
         with open(tmp, "wb") as f:
-            np.savez(f, image=bundled)
+            np.savez(f, image=bundled, labels=bundled_lbl)  # labels: what --max-drop reads
 
     def write_npy(tmp: str) -> None:
         with open(tmp, "wb") as f:

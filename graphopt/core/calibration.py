@@ -69,11 +69,22 @@ class ConversionNote(UserWarning):
     Issued once per input; the CLI prints it as a note on stderr."""
 
 
+LABELS = "labels"  # an .npz array of this name that is not a model input: one class label per row
+
+
 def load_samples(source, model, *, batch_size: int | None = None, limit: int | None = None) -> list[Feed]:
     """Read samples from a path, a CalibrationDataReader or a list of feeds ({input name: array}) and check them
     against the model's inputs: shapes, finite values, and dtypes (converted when no value changes, or from one
     float type to another, with one ConversionNote per input; refused otherwise)."""
+    return load_labelled(source, model, batch_size=batch_size, limit=limit)[0]
+
+
+def load_labelled(source, model, *, batch_size: int | None = None, limit: int | None = None
+                  ) -> tuple[list[Feed], list[np.ndarray] | None]:
+    """`load_samples`, and the class labels an .npz carries beside the inputs (an integer array `labels`, one
+    per row), cut like the samples: one array per sample; None when the data has no labels."""
     specs = {s.name: s for s in input_specs(model)}
+    labels = None
     if hasattr(source, "get_next"):
         samples = _from_reader(source, limit)
     elif isinstance(source, (list, tuple)):
@@ -81,9 +92,10 @@ def load_samples(source, model, *, batch_size: int | None = None, limit: int | N
             raise InputError("calibration data given as a list must hold feeds: {input name: array}")
         samples = [{k: np.asarray(v) for k, v in item.items()} for item in source]
     else:
-        samples = _from_path(Path(source), specs, batch_size)
+        samples, labels = _from_path(Path(source), specs, batch_size)
     if limit is not None:
         samples = samples[:limit]
+        labels = labels[:limit] if labels is not None else None
     if not samples:
         raise InputError(f"{source if isinstance(source, (str, Path)) else 'the calibration data'}: holds no samples")
     converted: dict[str, str] = {}  # input -> what was converted, said once however many samples
@@ -91,7 +103,7 @@ def load_samples(source, model, *, batch_size: int | None = None, limit: int | N
         samples[i] = _checked(sample, specs, source, i, converted)
     for name, what in converted.items():
         warnings.warn(f"calibration input {name!r}: {what}", ConversionNote, stacklevel=2)
-    return samples
+    return samples, labels
 
 
 def _from_reader(reader: CalibrationDataReader, limit: int | None) -> list[Feed]:
@@ -104,31 +116,33 @@ def _from_reader(reader: CalibrationDataReader, limit: int | None) -> list[Feed]
     return samples
 
 
-def _from_path(path: Path, specs: dict[str, InputSpec], batch_size: int | None) -> list[Feed]:
+def _from_path(path: Path, specs: dict[str, InputSpec], batch_size: int | None
+               ) -> tuple[list[Feed], list[np.ndarray] | None]:
+    """Samples, and their labels where every .npz read carries them."""
     if not path.exists():
         raise InputError(f"{path}: no such file or folder")
     if path.is_dir():
         npz = sorted(path.glob("*.npz"))
         npy = sorted(path.glob("*.npy"))
         if npz:
-            return [s for f in npz for s in _split(_read_npz(f), specs, batch_size, f)]
+            return _joined([_split_labelled(_read_npz(f), specs, batch_size, f) for f in npz])
         if not npy:
             raise InputError(f"{path}: folder holds no .npy or .npz files")
         by_name = {f.stem: f for f in npy}
         if set(specs) <= set(by_name):
-            return _split({name: _read_npy(by_name[name]) for name in specs}, specs, batch_size, path)
+            return _split({name: _read_npy(by_name[name]) for name in specs}, specs, batch_size, path), None
         if len(specs) == 1:
             (name,) = specs
-            return [s for f in npy for s in _split({name: _read_npy(f)}, specs, batch_size, f)]
+            return [s for f in npy for s in _split({name: _read_npy(f)}, specs, batch_size, f)], None
         raise InputError(f"{path}: expected files named after the model inputs: "
                          + ", ".join(f"{n}.npy" for n in specs))
     if path.suffix == ".npz":
-        return _split(_read_npz(path), specs, batch_size, path)
+        return _split_labelled(_read_npz(path), specs, batch_size, path)
     if path.suffix == ".npy":
         if len(specs) != 1:
             raise InputError(f"{path}: a single .npy only fits a model with one input; this one has "
                              f"{len(specs)} ({', '.join(specs)}); use an .npz keyed by input name")
-        return _split({next(iter(specs)): _read_npy(path)}, specs, batch_size, path)
+        return _split({next(iter(specs)): _read_npy(path)}, specs, batch_size, path), None
     raise InputError(f"{path}: calibration data must be .npz, .npy or a folder of them")
 
 
@@ -175,6 +189,35 @@ def _read_npy(path: Path) -> np.ndarray:
         raise InputError(f"{path}: not a readable .npy file ({exc})") from None
     except Exception as exc:
         raise InputError(f"{path}: not a readable .npy file ({type(exc).__name__}: {exc})") from None
+
+
+def _split_labelled(arrays: dict[str, np.ndarray], specs: dict[str, InputSpec], batch_size: int | None, origin
+                    ) -> tuple[list[Feed], list[np.ndarray] | None]:
+    labels = arrays.pop(LABELS) if LABELS in arrays and LABELS not in specs else None
+    samples = _split(arrays, specs, batch_size, origin)
+    if labels is None:
+        return samples, None
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+        raise InputError(f"{origin}: {LABELS!r} must be a 1-D integer array of class labels, one per row (it is "
+                         f"{labels.dtype} {list(labels.shape)})")
+    rows = [_rows(s, specs) for s in samples]
+    if sum(rows) != len(labels):
+        raise InputError(f"{origin}: {len(labels)} labels for {sum(rows)} rows of input")
+    cut = np.cumsum([0] + rows)
+    return samples, [labels[a:b] for a, b in zip(cut[:-1], cut[1:])]
+
+
+def _rows(sample: Feed, specs: dict[str, InputSpec]) -> int:
+    """Rows (batch entries) in a sample: the first input's leading dim, or 1 when it has none."""
+    arr = sample[next(iter(specs))]
+    return int(arr.shape[0]) if np.ndim(arr) >= 1 else 1
+
+
+def _joined(parts: list[tuple[list[Feed], list | None]]) -> tuple[list[Feed], list | None]:
+    """Samples of several files in order; labels only when every file has them."""
+    samples = [s for feeds, _ in parts for s in feeds]
+    labelled = all(lab is not None for _, lab in parts)
+    return samples, ([x for _, lab in parts for x in lab] if labelled else None)
 
 
 def _split(arrays: dict[str, np.ndarray], specs: dict[str, InputSpec], batch_size: int | None, origin) -> list[Feed]:
@@ -392,13 +435,15 @@ class InputSet:
       search's tightening); empty for tiny sets, where `for_selection` falls back to `fit`;
     - `verification`: what the pipeline verifies and reports on; never read by a pass.
 
-    `overlapping` is true when there were too few samples to hold any out (one sample: all three are it)."""
+    `overlapping` is true when there were too few samples to hold any out (one sample: all three are it).
+    `labels`, when the data carries class labels: {"fit" | "selection" | "verification": one array per sample}."""
 
     fit: list[Feed]
     selection: list[Feed]
     verification: list[Feed]
     synthetic: bool = False
     overlapping: bool = False
+    labels: dict[str, list[np.ndarray]] | None = None
 
     @property
     def for_selection(self) -> list[Feed]:
@@ -408,37 +453,46 @@ class InputSet:
         return {"fit_samples": len(self.fit), "selection_samples": len(self.selection),
                 "verification_samples": len(self.verification),
                 "selection_from": "selection" if self.selection else "fit",
-                "overlapping": self.overlapping, "synthetic": self.synthetic}
+                "overlapping": self.overlapping, "synthetic": self.synthetic, "labelled": self.labels is not None}
 
 
 def split_samples(samples: list[Feed], seed: int = 0, *, verification_fraction: float = 0.25,
                   selection_fraction: float = 0.25, max_verification: int = 128, max_selection: int = 128,
-                  synthetic: bool = False) -> InputSet:
+                  synthetic: bool = False, labels: list[np.ndarray] | None = None) -> InputSet:
     """Shuffle once with `seed`, then cut verification, selection and fit (the rest) apart. Small sets keep at
     least min(16, n // 3) samples for verification, so that its figures mean something."""
     if not (0.0 < verification_fraction < 1.0 and 0.0 <= selection_fraction < 1.0
             and verification_fraction + selection_fraction < 1.0):
         raise UsageError("verification_fraction and selection_fraction must be in [0, 1) and sum below 1")
     n = len(samples)
+    if labels is not None and len(labels) != n:
+        raise UsageError(f"{len(labels)} label arrays for {n} samples")
     if n == 1:  # nothing to hold out: the pipeline refuses lossy runs on this unless told otherwise
-        return InputSet(samples, [], samples, synthetic, overlapping=True)
+        one = {"fit": labels, "selection": [], "verification": labels} if labels is not None else None
+        return InputSet(samples, [], samples, synthetic, overlapping=True, labels=one)
     order = np.random.default_rng(seed).permutation(n)
     n_ver = min(max_verification, max(1, round(n * verification_fraction), min(16, n // 3)))
     n_sel = min(max_selection, max(1 if n >= 3 else 0, round(n * selection_fraction))) if selection_fraction else 0
     n_sel = max(0, min(n_sel, n - n_ver - 1))
     pick = [samples[i] for i in order]
-    return InputSet(fit=pick[n_ver + n_sel:], selection=pick[n_ver:n_ver + n_sel], verification=pick[:n_ver],
-                    synthetic=synthetic)
+    parts = {"fit": slice(n_ver + n_sel, None), "selection": slice(n_ver, n_ver + n_sel), "verification": slice(0, n_ver)}
+    cut = None
+    if labels is not None:
+        ordered = [labels[i] for i in order]
+        cut = {k: ordered[s] for k, s in parts.items()}
+    return InputSet(fit=pick[parts["fit"]], selection=pick[parts["selection"]],
+                    verification=pick[parts["verification"]], synthetic=synthetic, labels=cut)
 
 
 def prepare_inputs(model, calib=None, *, input_shapes: dict | None = None, batch_size: int | None = None,
                    synthetic_count: int = 8, seed: int = 0) -> InputSet:
     """Calibration data when given, else synthetic feeds (flagged, so reports can say so), split three ways."""
     if calib is not None:
-        return split_samples(load_samples(calib, model, batch_size=batch_size), seed)
+        samples, labels = load_labelled(calib, model, batch_size=batch_size)
+        return split_samples(samples, seed, labels=labels)
     samples = synthetic_samples(model, synthetic_count, input_shapes, seed)
     return split_samples(samples, seed, synthetic=True)
 
 
-__all__ = ["InputSet", "InputSpec", "CalibrationDataReader", "ConversionNote", "load_samples", "synthetic_samples",
+__all__ = ["InputSet", "InputSpec", "CalibrationDataReader", "ConversionNote", "load_samples", "load_labelled", "synthetic_samples",
            "split_samples", "prepare_inputs", "parse_shapes", "input_specs", "latency_feed", "describe_feed", "shapes_text", "second_size_feeds"]

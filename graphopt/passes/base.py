@@ -95,9 +95,18 @@ class Pass:
     # "input": the result is checked against the pass's own input; "original": against the pipeline's original
     # (recover, which moves the model back towards it), and then the user's bounds wait for it
     judged_against: ClassVar[str] = "input"
+    # where a search (graphopt.search) places this family in a recipe: "structure" (first), "recover" (after
+    # a lossy step), "quantize" (last), or "" (never searched)
+    search_role: ClassVar[str] = ""
 
     def run(self, model: Model, ctx: Context) -> PassResult:  # pragma: no cover - interface
         raise NotImplementedError
+
+    @classmethod
+    def search_levels(cls, speedup: float | None, size_mb: float | None) -> list["Pass"]:
+        """The settings a search tries of this family for a whole-model speed-up target and/or size budget,
+        spanning its range from light to strong; each is built and measured as a whole model."""
+        return []
 
     def preflight(self, model: Model, inputs: InputSet) -> None:
         """Raise a GraphoptError before any pass runs when this pass cannot run on this model and these inputs
@@ -114,9 +123,27 @@ class Pass:
     def params(self) -> dict:
         return dataclasses.asdict(self) if dataclasses.is_dataclass(self) else {}
 
+    def spec(self) -> str:
+        """`name:key=value,...` with only the parameters that differ from their defaults (what `create` and
+        `--pass` read back)."""
+        fields = {f.name: f for f in dataclasses.fields(self)} if dataclasses.is_dataclass(self) else {}
+        changed = {k: v for k, v in self.params().items()
+                   if fields[k].default is dataclasses.MISSING or v != fields[k].default}
+        args = ",".join(f"{k}={v}" for k, v in changed.items())
+        return f"{self.name}:{args}" if args else self.name
+
     def __str__(self) -> str:
         args = ",".join(f"{k}={v}" for k, v in self.params().items())
         return f"{self.name}:{args}" if args else self.name
+
+
+def speedup_levels(target: float | None) -> list[float]:
+    """The speed-ups a structure family is tried at: steps up to the target (the rest may come from
+    quantization), or the first few for a size-only budget."""
+    steps = (1.25, 1.5, 2.0, 3.0, 4.0)
+    if target is None:
+        return list(steps[:3])
+    return [s for s in steps if s <= max(1.25, target)]
 
 
 def progress_bar(done: int, total: int, width: int = 20) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import ClassVar
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,7 @@ from ...core.errors import UsageError
 from ...core.model import Model
 from ...core.numerics import output_distortion
 from ...core.runtime import make_session, measure_latencies, run
-from ..base import Context, Decision, Pass, PassResult, progress_bar, register
+from ..base import Context, Decision, Pass, PassResult, progress_bar, register, speedup_levels
 from .build import Replacement, apply
 from .merge import ConvMap, MergePlan, centre, compose_span, plans_for, refit
 from .spans import Chain, Structure, find_structure
@@ -71,6 +72,12 @@ class LayerMerge(Pass):
     name = "layermerge"
     description = "depth compression: merge conv spans, drop activations/blocks, DP on measured latency (lossy)"
     exact = False
+
+    search_role: ClassVar[str] = "structure"
+
+    @classmethod
+    def search_levels(cls, speedup, size_mb):
+        return [cls(target_speedup=s) for s in speedup_levels(speedup)]
 
     # measured onnxruntime speed-up at the latency batch; default 1.5, and for menu=exact none (the fastest exact cover)
     target_speedup: float | None = None

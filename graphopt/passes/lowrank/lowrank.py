@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 
@@ -30,7 +31,7 @@ from .rewrite import FactorSite, collect_grams, find_sites, micro_site, rewrite,
 from ...core.model import Model
 from ...core.numerics import output_distortion
 from ...core.runtime import make_session, measure_latencies, run
-from ..base import Context, Decision, Pass, PassResult, register
+from ..base import Context, Decision, Pass, PassResult, register, speedup_levels
 
 BUDGETS = ("target_speedup", "param_ratio", "max_params", "energy", "rank", "rank_ratio")
 DEFAULT_ENERGY = 0.95
@@ -45,6 +46,12 @@ class LowRank(Pass):
     name = "lowrank"
     description = "low-rank factorization (plain or activation-aware SVD), ranks under a budget (lossy)"
     exact = False
+
+    search_role: ClassVar[str] = "structure"
+
+    @classmethod
+    def search_levels(cls, speedup, size_mb):
+        return [cls(target_speedup=s) for s in speedup_levels(speedup)]
 
     method: str = "whitened"  # svd | whitened
     refit: bool = False  # least-squares refit of the second factor on the calibration inputs

@@ -14,6 +14,7 @@ matches the original layer's output. `target_speedup` searches the MAC budget wh
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 from onnx import helper, numpy_helper
@@ -28,7 +29,7 @@ from ...core.model import Model
 from ...core.numerics import output_distortion
 from .build import build, positions
 from ...core.runtime import make_session, measure_latencies, run
-from ..base import Context, Decision, Pass, PassResult, register
+from ..base import Context, Decision, Pass, PassResult, register, speedup_levels
 
 IMPORTANCES = ("magnitude", "activation", "distortion")
 TARGETS = ("macs", "params", "channels")
@@ -54,6 +55,12 @@ class Prune(Pass):
     calibration_samples: int = 32
     sensitivity_samples: int = 8
     refit_rows: int = 8192  # rows (positions x samples) per consumer for the refit
+
+    search_role: ClassVar[str] = "structure"
+
+    @classmethod
+    def search_levels(cls, speedup, size_mb):
+        return [cls(target_speedup=s) for s in speedup_levels(speedup)]
 
     def __post_init__(self):
         if not 0 < self.ratio < 1:

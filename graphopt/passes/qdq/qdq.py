@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from typing import ClassVar
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +50,15 @@ class QDQ(Pass):
     name = "qdq"
     description = "mixed-precision quantization: float / static int8 / dynamic int8 / int4 per site (lossy)"
     exact = False
+
+    search_role: ClassVar[str] = "quantize"
+
+    @classmethod
+    def search_levels(cls, speedup, size_mb):
+        """The fastest all-int8 form, the default slack and a more accurate one (or the size budget)."""
+        if size_mb is not None and speedup is None:
+            return [cls(max_size_mb=size_mb)]
+        return [cls(latency_slack=0.0), cls(), cls(latency_slack=0.25)]
 
     target_speedup: float | None = None  # latency budget: fp32 latency / target_speedup
     # default budget: at most this much slower than the fastest all-int8 form (static or dynamic, measured)

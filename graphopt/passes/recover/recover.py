@@ -35,6 +35,8 @@ class Recover(Pass):
     exact = False
     judged_against: ClassVar[str] = "original"
 
+    search_role: ClassVar[str] = "recover"
+
     steps: int = 400  # step budget
     max_minutes: float = 3.0  # time budget for training (the pipeline's checks come on top)
     lr: float = 1e-4  # AdamW peak learning rate (cosine decay after a short warm-up)
