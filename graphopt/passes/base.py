@@ -103,8 +103,9 @@ class Pass:
         raise NotImplementedError
 
     @classmethod
-    def search_levels(cls, speedup: float | None, size_mb: float | None) -> list["Pass"]:
-        """The settings a search tries of this family for a whole-model speed-up target and/or size budget,
+    def search_levels(cls, speedup: float | None, size_mb: float | None, floor: dict) -> list["Pass"]:
+        """The settings a search tries of this family for a whole-model speed-up target and/or size budget and a
+        fidelity floor (`floor`: max_drop in accuracy points, min_agreement, min_cosine; the ones given),
         spanning its range from light to strong; each is built and measured as a whole model."""
         return []
 

@@ -2,11 +2,12 @@
 
 1. Each searched family is tried alone at its own levels (`Pass.search_levels`): every level is built as a whole
    model and measured. That is the family's frontier: measured speed-up (or size) against measured fidelity loss.
-2. Compositions in a fixed order, structure (layermerge / prune / lowrank) -> recover -> quantize, are predicted
-   from the single points (speed-ups multiply, losses add; a recovery is assumed to win back half the structure's
-   loss), and a shortlist of those predicted to meet the budget is built and measured, most accurate first.
-3. Where a measured point meets the cost but not the floor, a recovery after it is tried ("if it pays": it is a
-   new point and only counts if its own figures are better).
+2. A recovery after the structure points that lost much and could reach the cost with quantization: measured.
+3. Compositions in a fixed order, structure (layermerge / prune / lowrank) -> recover -> quantize, are predicted
+   from the measured points (speed-ups multiply, sizes scale, losses add), and a shortlist of those predicted to
+   meet the budget is built and measured, most accurate first.
+4. Where a composition meets the cost but not the floor, a recovery after it is tried ("if it pays": it is a new
+   point and only counts if its own figures are better).
 Every figure a choice reads is measured on the *selection* samples: builds fit on the fit samples, check their
 passes on the selection samples, and never see the verification samples, on which only the chosen model is
 verified at the end. The front is the set of measured points no other point beats on both cost and loss.
@@ -36,8 +37,7 @@ from .objective import Budget, Fidelity
 
 DEFAULT_MAX_MINUTES = 20.0
 MAX_COMPOSED = 8  # compositions built at most (the time bound usually comes first)
-MAX_RECOVERED = 3  # recoveries tried after points that meet the cost but not the floor
-RECOVERY_GAIN = 0.5  # the prior for a composition with a recovery: it wins back this share of the structure's loss
+MAX_RECOVERED = 3  # recoveries tried per stage (after structure; after compositions that miss the floor)
 
 
 def searchable() -> list[str]:
@@ -178,7 +178,7 @@ class Search:
         if inputs.labels is not None:
             self.selection_labels = inputs.labels["selection" if inputs.selection else "fit"]
         # a Ray task asks for one CPU, so each build gets one thread; pool workers split this machine's cores
-        self.job_runtime = worker_runtime(ctx.runtime, os.cpu_count() or 1 if ray is not None else workers)
+        self.job_runtime = worker_runtime(ctx.runtime, (os.cpu_count() or 1) if ray is not None else workers)
         self.points: list[Point] = []
         self.first_valid: float | None = None
         self.stopped_by_time = False
@@ -195,11 +195,14 @@ class Search:
         self.original_session = make_session(self.model, self.ctx.runtime)
         self.original_outputs = run(self.original_session, self.selection)
         self.feed = self.ctx.latency_feed(self.model)
-        speed = self._speed_target_cached()
+        self.speed = self._speed_target()
         try:
-            singles = [[c.spec() for c in REGISTRY[f].search_levels(speed, self.budget.max_size_mb)]
+            floor = {k: v for k, v in self.budget.to_dict().items()
+                     if k in ("max_drop", "min_agreement", "min_cosine") and v is not None}
+            singles = [[c.spec() for c in REGISTRY[f].search_levels(self.speed, self.budget.max_size_mb, floor)]
                        for f in self.families if REGISTRY[f].search_role in ("structure", "quantize")]
             self._evaluate(executor, [(s,) for levels in singles for s in levels], "single")
+            self._evaluate(executor, self._recovered_structure(), "recovered")
             self._evaluate(executor, self._compositions(), "composed")
             self._evaluate(executor, self._recoveries(), "recovered")
         finally:
@@ -245,8 +248,8 @@ class Search:
         return None
 
     def _cost_axis(self) -> str:
-        return "size (MB)" if self.budget.max_size_mb is not None and self.budget.speed_target is None \
-            and self.budget.max_latency_ms is None else "speed-up"
+        b = self.budget
+        return "size (MB)" if b.target_speedup is None and b.max_latency_ms is None else "speed-up"
 
     def _cost_of(self, p: Point) -> float:
         """Lower is better: the size for a size-only budget, else the inverse speed-up."""
@@ -258,40 +261,50 @@ class Search:
         return any(p.recipe == recipe for p in self.points)
 
     # --------------------------------------------------------------------------------------- compositions
-    def _compositions(self) -> list[tuple[str, ...]]:
-        """Structure x quantize (with a recovery between them where the structure lost much), predicted from the
-        single points; the ones predicted to meet the budget, most accurate first."""
-        singles = [p for p in self.points if p.measured and p.stage == "single"]
-        structure = [p for p in singles if REGISTRY[p.families[0]].search_role == "structure"]
-        quantize = [p for p in singles if REGISTRY[p.families[0]].search_role == "quantize"]
+    def _structure_front(self) -> list[Point]:
+        """Measured structure points (alone or recovered) that no other structure point beats."""
+        structure = [p for p in self.points if p.measured and p.stage in ("single", "recovered")
+                     and REGISTRY[p.families[0]].search_role == "structure"
+                     and all(REGISTRY[f].search_role != "quantize" for f in p.families)]
         pareto(structure, self._cost_of)
-        structure = [p for p in structure if p.on_front]
-        can_recover = "recover" in self.families
+        return [p for p in structure if p.on_front]
+
+    def _quantized(self) -> list[Point]:
+        return [p for p in self.points if p.measured and p.stage == "single"
+                and REGISTRY[p.families[0]].search_role == "quantize"]
+
+    def _reaches(self, speedup: float, size: float) -> bool:
+        """Whether a predicted point is near enough the cost budget to be worth building."""
+        return (self.speed is None or speedup >= 0.9 * self.speed) and \
+            (self.budget.max_size_mb is None or size <= 1.1 * self.budget.max_size_mb)
+
+    def _recovered_structure(self) -> list[tuple[str, ...]]:
+        """A recovery after the structure points that lost more than a quarter of the floor and that, with the
+        fastest quantized level, could reach the cost budget: least loss first."""
+        if "recover" not in self.families:
+            return []
+        quantized = self._quantized()
+        q_speed = max([q.speedup for q in quantized], default=1.0)
+        q_size = min([q.size_mb / (self.model.byte_size() / 1e6) for q in quantized], default=1.0)
         floor = self.budget.loss_floor()
-        speed = self._speed_target_cached()
+        todo = sorted((p for p in self._structure_front() if p.stage == "single" and p.loss > 0.25 * floor
+                       and self._reaches(p.speedup * max(1.0, q_speed), p.size_mb * min(1.0, q_size))),
+                      key=lambda p: p.loss)
+        recipes = [p.recipe + (self._recover_spec(),) for p in todo]
+        return [r for r in recipes if not self._known(r)][:MAX_RECOVERED]
+
+    def _compositions(self) -> list[tuple[str, ...]]:
+        """Structure (alone or recovered) x quantize, predicted from the measured points (speed-ups multiply,
+        sizes scale, losses add); the ones predicted to meet the budget, most accurate first."""
+        floor = self.budget.loss_floor()
+        original_mb = self.model.byte_size() / 1e6
         candidates = []
-        for s in structure:
-            for q in quantize or [None]:
-                steps = list(s.recipe)
-                loss = s.loss
-                if can_recover and s.loss > 0.25 * floor:
-                    steps.append(self._recover_spec())
-                    loss = s.loss * (1 - RECOVERY_GAIN)
-                if q is None:
-                    if len(steps) == len(s.recipe):
-                        continue
-                    speedup = s.speedup
-                else:
-                    steps += list(q.recipe)
-                    loss += q.loss
-                    speedup = s.speedup * q.speedup
-                size = s.size_mb if q is None else s.size_mb * q.size_mb / (self.model.byte_size() / 1e6)
-                recipe = tuple(steps)
-                if self._known(recipe):
-                    continue
-                meets_speed = speed is None or speedup >= 0.9 * speed
-                meets_size = self.budget.max_size_mb is None or size <= 1.1 * self.budget.max_size_mb
-                if meets_speed and meets_size and loss <= 1.5 * floor:
+        for s in self._structure_front():
+            for q in self._quantized():
+                recipe = s.recipe + q.recipe
+                speedup, loss = s.speedup * q.speedup, s.loss + q.loss
+                size = s.size_mb * q.size_mb / original_mb
+                if not self._known(recipe) and self._reaches(speedup, size) and loss <= 1.5 * floor:
                     candidates.append((loss, -speedup, recipe, {"speedup": round(speedup, 3), "loss": loss,
                                                                 "size_mb": round(size, 3)}))
         candidates.sort(key=lambda c: (c[0], c[1]))
@@ -299,27 +312,19 @@ class Search:
         return [c[2] for c in candidates[:MAX_COMPOSED]]
 
     def _recoveries(self) -> list[tuple[str, ...]]:
-        """A recovery appended to measured points that meet the cost but miss the floor, nearest the floor first."""
+        """A recovery after measured compositions that meet the cost but miss the floor, nearest the floor first
+        (it counts only where its own measured figures are better)."""
         if "recover" not in self.families:
             return []
-        near = sorted((p for p in self.points if p.measured and not p.cost_violations and p.floor_violations
-                       and p.recipe and p.recipe[-1].split(":")[0] != "recover"), key=lambda p: p.loss)
-        out = []
-        for p in near:
-            recipe = p.recipe + (self._recover_spec(),)
-            if not self._known(recipe) and recipe not in out:
-                out.append(recipe)
-        return out[:MAX_RECOVERED]
+        near = sorted((p for p in self.points if p.measured and p.stage == "composed" and not p.cost_violations
+                       and p.floor_violations), key=lambda p: p.loss)
+        recipes = [p.recipe + (self._recover_spec(),) for p in near]
+        return [r for r in recipes if not self._known(r)][:MAX_RECOVERED]
 
     def _recover_spec(self) -> str:
         # a tenth of the search's time, between half a minute and the pass's default of three
         minutes = round(min(3.0, max(0.5, self.max_minutes / 10)), 2)
         return create("recover", {"max_minutes": minutes}).spec()
-
-    def _speed_target_cached(self) -> float | None:
-        if not hasattr(self, "_speed"):
-            self._speed = self._speed_target()
-        return self._speed
 
     # ----------------------------------------------------------------------------------------- evaluation
     def _evaluate(self, executor, recipes: list[tuple[str, ...]], stage: str) -> None:

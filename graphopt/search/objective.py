@@ -43,12 +43,6 @@ class Budget:
         return any(v is not None for v in (self.max_drop, self.min_agreement, self.min_cosine))
 
     @property
-    def speed_target(self) -> float | None:
-        """The speed-up the search aims its structure levels at (from a latency bound once the original is
-        timed; None for a size-only budget)."""
-        return self.target_speedup
-
-    @property
     def loss_name(self) -> str:
         """The fidelity figure the front is drawn on: the first floor given, in this order."""
         if self.max_drop is not None:

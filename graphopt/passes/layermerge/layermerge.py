@@ -76,7 +76,7 @@ class LayerMerge(Pass):
     search_role: ClassVar[str] = "structure"
 
     @classmethod
-    def search_levels(cls, speedup, size_mb):
+    def search_levels(cls, speedup, size_mb, floor):
         return [cls(target_speedup=s) for s in speedup_levels(speedup)]
 
     # measured onnxruntime speed-up at the latency batch; default 1.5, and for menu=exact none (the fastest exact cover)

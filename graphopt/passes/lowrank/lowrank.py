@@ -50,7 +50,7 @@ class LowRank(Pass):
     search_role: ClassVar[str] = "structure"
 
     @classmethod
-    def search_levels(cls, speedup, size_mb):
+    def search_levels(cls, speedup, size_mb, floor):
         return [cls(target_speedup=s) for s in speedup_levels(speedup)]
 
     method: str = "whitened"  # svd | whitened

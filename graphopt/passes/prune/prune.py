@@ -59,7 +59,7 @@ class Prune(Pass):
     search_role: ClassVar[str] = "structure"
 
     @classmethod
-    def search_levels(cls, speedup, size_mb):
+    def search_levels(cls, speedup, size_mb, floor):
         return [cls(target_speedup=s) for s in speedup_levels(speedup)]
 
     def __post_init__(self):

@@ -13,6 +13,7 @@ report what onnxruntime actually ran.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from typing import ClassVar
 from pathlib import Path
@@ -54,11 +55,18 @@ class QDQ(Pass):
     search_role: ClassVar[str] = "quantize"
 
     @classmethod
-    def search_levels(cls, speedup, size_mb):
-        """The fastest all-int8 form, the default slack and a more accurate one (or the size budget)."""
+    def search_levels(cls, speedup, size_mb, floor):
+        """The fastest all-int8 form, the default slack, a more accurate one and the cheapest assignment that
+        meets the floor on the selection samples (or the size budget)."""
         if size_mb is not None and speedup is None:
             return [cls(max_size_mb=size_mb)]
-        return [cls(latency_slack=0.0), cls(), cls(latency_slack=0.25)]
+        levels = [cls(latency_slack=0.0), cls(), cls(latency_slack=0.25)]
+        if "min_agreement" in floor or "max_drop" in floor:  # agreement bounds the drop: a changed label costs one
+            agreement = max(floor.get("min_agreement", 0.0), 1.0 - floor.get("max_drop", 100.0) / 100.0)
+            levels.append(cls(min_agreement=round(agreement, 4)))
+        elif "min_cosine" in floor:  # cosine c of outputs with relative error e: about 1 - e^2 / 2
+            levels.append(cls(max_error=round(math.sqrt(2.0 * (1.0 - floor["min_cosine"])), 4)))
+        return levels
 
     target_speedup: float | None = None  # latency budget: fp32 latency / target_speedup
     # default budget: at most this much slower than the fastest all-int8 form (static or dynamic, measured)
