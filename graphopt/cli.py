@@ -132,8 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--workers", type=int, metavar="N",
                         help="builds side by side in a process pool (default 1; their passes share the cores; "
                              "every latency on the front is still timed one candidate at a time)")
-    search.add_argument("--ray", metavar="ADDRESS", help="run the builds as Ray tasks on this cluster ('auto': the "
-                                                          "local one)")
+    search.add_argument("--ray", metavar="ADDRESS",
+                        help="run the builds as Ray tasks on the cluster at ADDRESS ('auto': the running local "
+                             "cluster; 'local': start one on this machine)")
     search.add_argument("--cache-dir", metavar="DIR",
                         help="where built candidates are kept for a re-run (default ~/.cache/graphopt/search)")
     search.add_argument("--no-cache", action="store_true", help="build every candidate afresh and keep none")

@@ -200,9 +200,12 @@ def _split_labelled(arrays: dict[str, np.ndarray], specs: dict[str, InputSpec], 
     if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
         raise InputError(f"{origin}: {LABELS!r} must be a 1-D integer array of class labels, one per row (it is "
                          f"{labels.dtype} {list(labels.shape)})")
-    rows = [_rows(s, specs) for s in samples]
-    if sum(rows) != len(labels):
-        raise InputError(f"{origin}: {len(labels)} labels for {sum(rows)} rows of input")
+    first = next(iter(specs))
+    given = arrays[first]
+    total = given.shape[0] * given.shape[1] if given.ndim == len(specs[first].shape) + 1 >= 2 else len(given)
+    if len(labels) != total:
+        raise InputError(f"{origin}: {len(labels)} labels for {total} rows of input")
+    rows = [_rows(s, specs) for s in samples]  # rows a --batch-size leaves over are dropped with their labels
     cut = np.cumsum([0] + rows)
     return samples, [labels[a:b] for a, b in zip(cut[:-1], cut[1:])]
 

@@ -155,14 +155,18 @@ class RayTasks:
     the model and samples are put in Ray's object store once."""
 
     def __init__(self, address: str, model_bytes: bytes, inputs_blob: bytes):
+        from ..core.errors import UsageError
+
         try:
             import ray
         except ImportError:
-            from ..core.errors import UsageError
-
             raise UsageError("--ray needs Ray: pip install 'graphopt[search]' (or pip install ray)") from None
         if not ray.is_initialized():
-            ray.init(address=address, log_to_driver=False)
+            try:  # "local": a fresh instance on this machine; "auto": the running local cluster; else its address
+                ray.init(address=None if address == "local" else address, log_to_driver=False)
+            except Exception as exc:
+                raise UsageError(f"--ray {address}: cannot join a Ray cluster there "
+                                 f"({str(exc).strip().splitlines()[0]})") from None
         self.ray = ray
         self.remote = ray.remote(num_cpus=1)(build)
         self.model_ref, self.inputs_ref = ray.put(model_bytes), ray.put(inputs_blob)
