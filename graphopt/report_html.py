@@ -21,7 +21,7 @@ th,td{border:1px solid #ccc;padding:.25em .55em;text-align:right;vertical-align:
 th{background:#f3f3f3}td.l,th.l{text-align:left}
 tr.chosen td{background:#e6f4ea;font-weight:600}tr.front td:first-child{border-left:4px solid #1a73e8}
 .ok{color:#137333;font-weight:600}.bad{color:#b3261e;font-weight:600}.dim{color:#777}
-details{margin:.4em 0}summary{cursor:pointer}code{font-size:.92em}
+details{margin:.4em 0}summary{cursor:pointer}code{font-size:.92em;overflow-wrap:anywhere}
 """
 
 
