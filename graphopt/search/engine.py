@@ -199,8 +199,11 @@ class Search:
         try:
             floor = {k: v for k, v in self.budget.to_dict().items()
                      if k in ("max_drop", "min_agreement", "min_cosine") and v is not None}
+            # quantization alone first: under a tight time bound, its frontier is the one to have
+            order = sorted((f for f in self.families if REGISTRY[f].search_role in ("structure", "quantize")),
+                           key=lambda f: REGISTRY[f].search_role != "quantize")
             singles = [[c.spec() for c in REGISTRY[f].search_levels(self.speed, self.budget.max_size_mb, floor)]
-                       for f in self.families if REGISTRY[f].search_role in ("structure", "quantize")]
+                       for f in order]
             self._evaluate(executor, [(s,) for levels in singles for s in levels], "single")
             self._evaluate(executor, self._recovered_structure(), "recovered")
             self._evaluate(executor, self._compositions(), "composed")
