@@ -32,6 +32,15 @@ def graphopt(*args, cwd=None) -> subprocess.CompletedProcess:
                           timeout=120)
 
 
+def graphopt_all(*calls: tuple) -> list[subprocess.CompletedProcess]:
+    """Independent CLI calls (each a tuple of arguments) side by side, in order: separate processes that spend
+    their time in start-up, so running them at once checks what running them one after the other did."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=len(calls)) as pool:
+        return list(pool.map(lambda args: graphopt(*args), calls))
+
+
 def sha256(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
@@ -436,24 +445,49 @@ BAD_INPUTS = {
 }
 
 
-@pytest.mark.parametrize("case", list(BAD_INPUTS))
-def test_bad_input_exit_2_one_line_nothing_written(tmp_path, case):
-    make_case, needle = BAD_INPUTS[case]
-    d = tmp_path / "case"
-    d.mkdir()
-    args = make_case(d)
-    before = listing(tmp_path)
-    digests = {p: sha256(tmp_path / p) for p in before if (tmp_path / p).is_file()}
-    out = d / "out.onnx"
+@pytest.fixture(scope="module")
+def bad_input_runs(tmp_path_factory):
+    """Every BAD_INPUTS case's real CLI run, each in its own folder, several at once: each call is a separate
+    process that spends its time in start-up, so running them side by side checks exactly what one at a time did,
+    in less wall time. Returns {case: (folder, listing before, digests before, output path, CompletedProcess or
+    the exception it raised)}."""
+    from concurrent.futures import ThreadPoolExecutor
 
-    proc = graphopt(*args, "-o", out, "-q")
+    prepared = {}
+    for case, (make_case, _) in BAD_INPUTS.items():
+        root = tmp_path_factory.mktemp(f"bad_{case}")
+        d = root / "case"
+        d.mkdir()
+        args = make_case(d)
+        before = listing(root)
+        digests = {p: sha256(root / p) for p in before if (root / p).is_file()}
+        prepared[case] = (root, before, digests, d / "out.onnx", args)
+
+    def one(case):
+        *_, out, args = prepared[case]
+        try:
+            return graphopt(*args, "-o", out, "-q")
+        except Exception as exc:  # re-raised by the case's own test
+            return exc
+
+    with ThreadPoolExecutor(max_workers=min(4, (os.cpu_count() or 2) + 1)) as pool:
+        futures = {case: pool.submit(one, case) for case in prepared}
+        return {case: (*prepared[case][:4], f.result()) for case, f in futures.items()}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_exit_2_one_line_nothing_written(bad_input_runs, case):
+    _, needle = BAD_INPUTS[case]
+    root, before, digests, out, proc = bad_input_runs[case]
+    if isinstance(proc, Exception):
+        raise proc
 
     assert_one_error_line(proc, 2)
     assert needle.lower() in proc.stderr.lower(), proc.stderr
     assert "allow_pickle" not in proc.stderr  # numpy's advice is never the fix
     assert not out.exists()
-    assert listing(tmp_path) == before, "files were created (output, temp files or default output)"
-    assert {p: sha256(tmp_path / p) for p in digests} == digests, "an input file was modified"
+    assert listing(root) == before, "files were created (output, temp files or default output)"
+    assert {p: sha256(root / p) for p in digests} == digests, "an input file was modified"
 
 
 def test_output_equal_to_input_is_refused(tmp_path):
@@ -549,11 +583,10 @@ def test_compare_models_that_differ_exit_1(tmp_path):
             t.CopyFrom(_init("fc_w", numpy_helper.to_array(t) * 1.5 + 0.1))
     b = save(changed, tmp_path / "b.onnx")
 
-    proc = graphopt("compare", a, b)
+    proc, same = graphopt_all(("compare", a, b), ("compare", a, a))
     assert_one_error_line(proc, 1, prefix="graphopt: verification failed:")
     assert "relative L2 error" in proc.stderr
 
-    same = graphopt("compare", a, a)
     assert same.returncode == 0, same.stderr
     assert "within tolerance" in same.stdout
 
@@ -659,12 +692,12 @@ def test_custom_domain_node_inspect_and_passes(tmp_path):
 # --------------------------------------------------------------------------------------------- 7. inspect, bench, help
 def test_inspect_table_and_json(tmp_path):
     src = save(conv_bn_model(), tmp_path / "m.onnx")
-    proc = graphopt("inspect", src)
+    proc, as_json = graphopt_all(("inspect", src), ("inspect", "--json", src))
     assert proc.returncode == 0, proc.stderr
     for word in ("BatchNormalization", "Conv", "Gemm", "x", "y", "parameters"):
         assert word in proc.stdout
 
-    proc = graphopt("inspect", "--json", src)
+    proc = as_json
     assert proc.returncode == 0, proc.stderr
     info = json.loads(proc.stdout)
     assert info["op_counts"] == {"Conv": 1, "BatchNormalization": 1, "Relu": 1, "Identity": 1, "Flatten": 1,
@@ -691,17 +724,20 @@ BUNDLED = Path(__file__).resolve().parent.parent / "examples" / "fashion_cnn.onn
 def test_bundled_model_without_calib(tmp_path):
     """The README's `graphopt bench model.onnx --threads 1` as written, on the bundled model (dynamic batch, no
     --calib): a dynamic batch defaults to 1, and the output says so. compare and optimize alike."""
-    proc = graphopt("bench", BUNDLED, "--threads", "1", "--repeats", "5", "--warmup", "1")
+    out = tmp_path / "o.onnx"
+    bench, compare, optimize = graphopt_all(("bench", BUNDLED, "--threads", "1", "--repeats", "5", "--warmup", "1"),
+                                            ("compare", BUNDLED, BUNDLED),
+                                            ("optimize", BUNDLED, "-o", out, "--no-latency"))
+    proc = bench
     assert proc.returncode == 0, proc.stderr
     assert "image=1x1x28x28" in proc.stdout and "(1 thread," in proc.stdout
     assert "batch 1 on the dynamic batch axis" in " ".join(proc.stderr.split())
 
-    proc = graphopt("compare", BUNDLED, BUNDLED)
+    proc = compare
     assert proc.returncode == 0, proc.stderr
     assert "within tolerance" in proc.stdout and "batch 1" in proc.stderr
 
-    out = tmp_path / "o.onnx"
-    proc = graphopt("optimize", BUNDLED, "-o", out, "--no-latency")
+    proc = optimize
     assert proc.returncode == 0, proc.stderr
     assert "batch 1 on the dynamic batch axis" in " ".join(proc.stderr.split())
     assert out.is_file() and "BatchNormalization" not in op_types(onnx.load(str(out)))
@@ -710,11 +746,11 @@ def test_bundled_model_without_calib(tmp_path):
 def test_help():
     from graphopt.recipe import passes_taking
 
-    proc = graphopt("--help")
+    proc, optimize_help = graphopt_all(("--help",), ("optimize", "--help"))
     assert proc.returncode == 0
     assert "examples:" in proc.stdout and "graphopt optimize model.onnx" in proc.stdout
     assert "exit codes" in proc.stdout
-    proc = graphopt("optimize", "--help")
+    proc = optimize_help
     assert proc.returncode == 0
     for flag in ("--calib", "--pass", "--recipe", "--overwrite", "--force", "--input-shape"):
         assert flag in proc.stdout
@@ -806,7 +842,6 @@ def test_ctrl_c_during_start_up_exits_130_without_traceback(tmp_path):
 
 
 def test_bad_usage_is_one_line_exit_2():
-    proc = graphopt("optimize")  # missing the model argument: argparse error
-    assert_one_error_line(proc, 2)
-    proc = graphopt("frobnicate")
-    assert_one_error_line(proc, 2)
+    missing, unknown = graphopt_all(("optimize",), ("frobnicate",))  # missing the model argument: argparse error
+    assert_one_error_line(missing, 2)
+    assert_one_error_line(unknown, 2)

@@ -76,8 +76,11 @@ def test_bert_style_encoder_with_token_inputs(tmp_path):
     assert data["after"]["nodes"] < data["before"]["nodes"]
 
 
-@pytest.mark.parametrize("seq", [7, 33])
-def test_optimized_bert_still_accepts_other_sequence_lengths(tmp_path, seq):
+@pytest.fixture(scope="module")
+def optimized_bert(tmp_path_factory):
+    """The BERT-style encoder exported at sequence length 16 and optimized once through the CLI; the tests below
+    feed the same optimized file other sequence lengths."""
+    tmp_path = tmp_path_factory.mktemp("bert_seq")
     ids = torch.randint(0, 100, (1, 16))
     mask = torch.ones(1, 16, dtype=torch.int64)
     dyn = {"input_ids": {0: "b", 1: "s"}, "attention_mask": {0: "b", 1: "s"}}
@@ -86,10 +89,16 @@ def test_optimized_bert_still_accepts_other_sequence_lengths(tmp_path, seq):
     onnx.save(torch_export(module, (ids, mask), ["input_ids", "attention_mask"], ["embedding"], dyn), path)
     proc = graphopt("optimize", path, "-o", tmp_path / "opt.onnx", "-q", "--no-latency",
                     "--input-shape", "input_ids=1x16", "--input-shape", "attention_mask=1x16")
+    return module, tmp_path / "opt.onnx", proc
+
+
+@pytest.mark.parametrize("seq", [7, 33])
+def test_optimized_bert_still_accepts_other_sequence_lengths(optimized_bert, seq):
+    module, opt, proc = optimized_bert
     assert proc.returncode == 0, proc.stderr
     feeds = {"input_ids": np.random.default_rng(0).integers(0, 100, (3, seq)).astype(np.int64),
              "attention_mask": np.ones((3, seq), np.int64)}
-    sess = ort.InferenceSession(str(tmp_path / "opt.onnx"), providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(str(opt), providers=["CPUExecutionProvider"])
     with torch.no_grad():
         expected = module(torch.from_numpy(feeds["input_ids"]), torch.from_numpy(feeds["attention_mask"])).numpy()
     np.testing.assert_allclose(sess.run(None, feeds)[0], expected, rtol=1e-4, atol=1e-5)

@@ -250,7 +250,7 @@ def test_cli_token_ids_and_mask_dynamic_batch_and_sequence(tmp_path):
 FAKE_TORCH = "raise ModuleNotFoundError(\"No module named 'torch'\", name='torch')\n"
 
 
-@pytest.mark.parametrize("args, expected", [
+BAD_CLI_CASES = [
     (["nosuch:build", "--input", "x=1x4"], "no module named 'nosuch'"),
     (["plain:nosuch", "--input", "x=1x4"], "'plain' has no attribute 'nosuch' (it defines: not_a_module, broken)"),
     (["plain:not_a_module", "--input", "x=1x4"], "plain:not_a_module() returned an int (42), not a torch.nn.Module"),
@@ -276,25 +276,52 @@ FAKE_TORCH = "raise ModuleNotFoundError(\"No module named 'torch'\", name='torch
     (["emb:build", "--example", "text.npz"], "is not an .npz file"),
     (["emb:build", "--example", "ex.npz", "--input", "tokens=2x7:int64"], "ex.npz already gives it"),
     (["emb:build", "--example", "ex.npz", "--dynamic", "tokens=2"], "axis out of range"),
-], ids=["no-module", "no-attribute", "not-a-module", "build-raises", "export-fails", "no-colon", "zero-dim",
-        "no-shape", "bad-dtype", "duplicate-input", "dynamic-unknown-input", "dynamic-axis-out-of-range",
-        "dynamic-not-int", "missing-torch", "range-empty", "range-fraction-for-int", "range-past-dtype",
-        "range-bool", "no-inputs", "example-missing", "example-not-npz-name", "example-not-npz-content",
-        "example-and-input-same-name", "example-dynamic-axis-out-of-range"])
-def test_cli_bad_input_one_line_exit_2_nothing_written(tmp_path, args, expected):
-    write_sources(tmp_path)
-    np.savez(tmp_path / "ex.npz", tokens=np.zeros((2, 7), np.int64))
-    (tmp_path / "text.npz").write_text("tokens\n1 2 3\n")
-    env = None
-    if "--missing-torch" in args:  # a `torch` that fails to import, ahead of the real one on the path
-        args = [a for a in args if a != "--missing-torch"]
-        (tmp_path / "fake" / "torch").mkdir(parents=True)
-        (tmp_path / "fake" / "torch" / "__init__.py").write_text(FAKE_TORCH)
-        env = {"PYTHONPATH": str(tmp_path / "fake")}
-    proc = graphopt_cli("export", *args, "-o", "out.onnx", "-q", cwd=tmp_path, env_extra=env)
+]
+BAD_CLI_IDS = ["no-module", "no-attribute", "not-a-module", "build-raises", "export-fails", "no-colon", "zero-dim",
+               "no-shape", "bad-dtype", "duplicate-input", "dynamic-unknown-input", "dynamic-axis-out-of-range",
+               "dynamic-not-int", "missing-torch", "range-empty", "range-fraction-for-int", "range-past-dtype",
+               "range-bool", "no-inputs", "example-missing", "example-not-npz-name", "example-not-npz-content",
+               "example-and-input-same-name", "example-dynamic-axis-out-of-range"]
+assert len(BAD_CLI_CASES) == len(BAD_CLI_IDS) == len(set(BAD_CLI_IDS))
+
+
+@pytest.fixture(scope="module")
+def bad_cli_runs(tmp_path_factory):
+    """Every bad-input case's real CLI run, each in its own folder, several at once: each call is a separate
+    process that spends its time in interpreter start-up, so running them side by side checks exactly what one at
+    a time did, in less wall time. Returns {case id: (folder, CompletedProcess or the exception it raised)}."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(case_id, args):
+        folder = tmp_path_factory.mktemp(f"bad_{case_id}")
+        write_sources(folder)
+        np.savez(folder / "ex.npz", tokens=np.zeros((2, 7), np.int64))
+        (folder / "text.npz").write_text("tokens\n1 2 3\n")
+        env = None
+        if "--missing-torch" in args:  # a `torch` that fails to import, ahead of the real one on the path
+            args = [a for a in args if a != "--missing-torch"]
+            (folder / "fake" / "torch").mkdir(parents=True)
+            (folder / "fake" / "torch" / "__init__.py").write_text(FAKE_TORCH)
+            env = {"PYTHONPATH": str(folder / "fake")}
+        try:
+            return folder, graphopt_cli("export", *args, "-o", "out.onnx", "-q", cwd=folder, env_extra=env)
+        except Exception as exc:  # re-raised by the case's own test
+            return folder, exc
+
+    with ThreadPoolExecutor(max_workers=min(4, (os.cpu_count() or 2) + 1)) as pool:
+        futures = {cid: pool.submit(one, cid, args) for cid, (args, _) in zip(BAD_CLI_IDS, BAD_CLI_CASES)}
+        return {cid: f.result() for cid, f in futures.items()}
+
+
+@pytest.mark.parametrize("case", BAD_CLI_IDS)
+def test_cli_bad_input_one_line_exit_2_nothing_written(bad_cli_runs, case):
+    expected = BAD_CLI_CASES[BAD_CLI_IDS.index(case)][1]
+    folder, proc = bad_cli_runs[case]
+    if isinstance(proc, Exception):
+        raise proc
     line = assert_one_error_line(proc, 2)
     assert expected in line, line
-    assert onnx_files(tmp_path) == []
+    assert onnx_files(folder) == []
 
 
 def test_cli_output_folder_is_refused_even_with_overwrite(tmp_path):
@@ -316,16 +343,22 @@ def test_cli_embedding_index_error_names_the_input_to_give(tmp_path):
 
 
 def test_cli_embedding_with_value_range_and_with_example_file(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
     write_sources(tmp_path)
-    proc = graphopt_cli("export", "emb:build", "--input", "tokens=2x7:int64:0..50", "--dynamic", "tokens=0",
-                        "--dynamic", "tokens=1", "-o", "range.onnx", "-q", cwd=tmp_path)
+    ids = np.random.default_rng(1).integers(0, 50, (3, 5)).astype(np.int64)
+    np.savez(tmp_path / "ex.npz", tokens=ids)
+    # two independent exports (different options, different outputs), run side by side to halve the start-up wait
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        ranged = pool.submit(graphopt_cli, "export", "emb:build", "--input", "tokens=2x7:int64:0..50", "--dynamic",
+                             "tokens=0", "--dynamic", "tokens=1", "-o", "range.onnx", "-q", cwd=tmp_path)
+        example = pool.submit(graphopt_cli, "export", "emb:build", "--example", "ex.npz", "--dynamic", "tokens=1",
+                              "-o", "ex.onnx", "-q", cwd=tmp_path)
+        proc, example = ranged.result(), example.result()
     assert proc.returncode == 0, proc.stderr
     assert "tokens=4x14" in proc.stdout  # the second check: dynamic axes doubled, ids still in range
 
-    ids = np.random.default_rng(1).integers(0, 50, (3, 5)).astype(np.int64)
-    np.savez(tmp_path / "ex.npz", tokens=ids)
-    proc = graphopt_cli("export", "emb:build", "--example", "ex.npz", "--dynamic", "tokens=1", "-o", "ex.onnx",
-                        "-q", cwd=tmp_path)
+    proc = example
     assert proc.returncode == 0, proc.stderr
     assert "tokens=3x5" in proc.stdout and "tokens=3x10" in proc.stdout  # the file's values, then repeated
 

@@ -92,18 +92,26 @@ class _Untouchable(dict):
     __getitem__ = __iter__ = keys = values = items = get = __len__ = _fail
 
 
-def test_recovery_never_reads_verification_samples(fashion_resnet):
+@pytest.fixture(scope="module")
+def pruned_on_64(fashion_resnet):
+    """Prune(ratio=0.6) of the Fashion ResNet on fashion_split(64, 32): the same deterministic prune the two tests
+    below start from, computed once (each test recovers its own copy)."""
     inputs, _, _ = fashion_split(64, 32)
-    pruned = Prune(ratio=0.6).run(fashion_resnet, Context(inputs=inputs)).model
+    return Prune(ratio=0.6).run(fashion_resnet, Context(inputs=inputs)).model
+
+
+def test_recovery_never_reads_verification_samples(fashion_resnet, pruned_on_64):
+    inputs, _, _ = fashion_split(64, 32)
+    pruned = pruned_on_64.copy()
     guarded = InputSet(fit=inputs.fit, selection=inputs.selection,
                        verification=[_Untouchable(f) for f in inputs.verification[:16]])
     result = Recover(steps=12, eval_every=6).run(pruned, Context(inputs=guarded, original=fashion_resnet))
     assert result.counters["steps"] >= 6
 
 
-def test_train_data_equal_to_verification_samples_is_left_out(fashion_resnet, tmp_path):
+def test_train_data_equal_to_verification_samples_is_left_out(fashion_resnet, pruned_on_64, tmp_path):
     inputs, held, _ = fashion_split(64, 32)
-    pruned = Prune(ratio=0.6).run(fashion_resnet, Context(inputs=inputs)).model
+    pruned = pruned_on_64.copy()
     extra = np.concatenate([inputs.verification[i]["image"] for i in range(5)] + [f["image"] for f in inputs.fit[:3]])
     np.savez(tmp_path / "more.npz", image=extra)
     result = Recover(steps=6, eval_every=3, train_data=str(tmp_path / "more.npz")).run(
