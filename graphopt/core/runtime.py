@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
+import platform
 import statistics
 import tempfile
 import time
@@ -42,6 +44,26 @@ _OPT_LEVELS = {
     "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
     "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
 }
+
+
+@functools.lru_cache(maxsize=1)
+def int8_weight_qmax() -> int:
+    """The largest int8 weight code that onnxruntime's CPU integer kernels multiply without overflow on this
+    machine: 127 where u8 x s8 products are summed in 32 bits (AVX-VNNI, AVX512-VNNI, AMX, or not x86); 63 on x86
+    without them, where the AVX2 kernel (vpmaddubsw) adds pairs of u8 x s8 products in int16 and saturates
+    (onnxruntime's advice there is `reduce_range`: 7-bit weights). GRAPHOPT_INT8_WEIGHT_BITS=7|8 overrides it,
+    for a model quantized on one machine for another."""
+    bits = os.environ.get("GRAPHOPT_INT8_WEIGHT_BITS")
+    if bits in ("7", "8"):
+        return 63 if bits == "7" else 127
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
+        return 127
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return 63  # unknown x86: the safe range
+    return 127 if {"avx512_vnni", "avx_vnni", "amx_int8"} & set(flags) else 63
 
 
 def session_options(settings: RuntimeSettings) -> ort.SessionOptions:

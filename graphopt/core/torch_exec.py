@@ -96,8 +96,10 @@ class TorchGraph(torch.nn.Module):
                 zp = node.input[2] if len(node.input) > 2 and node.input[2] else None
                 if t.data_type in _INT_RANGES and node.input[1] in inits and (zp is None or zp in inits):
                     a = node_attrs(node)
-                    self.masters[t.name] = (node.input[1], zp, a.get("axis", 1), a.get("block_size", 0),
-                                            *_INT_RANGES[t.data_type])
+                    lo, hi = _INT_RANGES[t.data_type]
+                    if t.data_type == TensorProto.INT8 and np.abs(numpy_helper.to_array(t)).max() <= 63:
+                        lo, hi = -63, 63  # 7-bit weights (see int8_weight_qmax) stay 7-bit when re-rounded
+                    self.masters[t.name] = (node.input[1], zp, a.get("axis", 1), a.get("block_size", 0), lo, hi)
         self.constants: dict[str, torch.Tensor] = {}
         self.parameter_names: list[str] = []
         params = []

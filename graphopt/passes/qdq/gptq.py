@@ -20,13 +20,13 @@ from ...core.conv import conv_patches
 from ...core.editing import node_attrs
 from ...core.model import Model
 from ...core.numerics import Gram
-from ...core.runtime import RuntimeSettings
+from ...core.runtime import RuntimeSettings, int8_weight_qmax
 from .int4 import block_scales, expand_scales
 from .quant import weight_qparams
 from .sites import QuantSite
 
 DAMP = 0.01
-INT8 = (-127, 127)
+INT8 = (-127, 127)  # the full int8 range; the pass rounds to this machine's (see int8_weight_qmax)
 INT4 = (-8, 7)
 
 
@@ -142,7 +142,8 @@ def gptq_codes(model: Model, sites: list[QuantSite], menus: dict[str, tuple[str,
         if any(f in menus[s.node] for f in ("int8", "int8-dynamic")):
             per_channel = weight_qparams(w, s.weight_axis).scale  # one per output channel
             scale = np.broadcast_to(_as_kn(s, _channel_grid(per_channel, w.shape, s.weight_axis), groups), kn.shape)
-            codes8[s.node] = _from_kn(s, gptq_round(kn, h, scale, INT8), w.shape).astype(np.int8)
+            int8 = (-int8_weight_qmax(), int8_weight_qmax())
+            codes8[s.node] = _from_kn(s, gptq_round(kn, h, scale, int8), w.shape).astype(np.int8)
         if "int4" in menus[s.node]:
             blocks = block_scales(kn[0], axis=0)
             full = expand_scales(blocks, 0, kn.shape[1])[None]

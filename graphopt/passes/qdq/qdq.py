@@ -29,7 +29,7 @@ from .bias_correction import bias_shifts, refine_shifts
 from .dynamic import DYNAMIC_OPS, to_dynamic
 from .int4 import ACCURACY_LEVELS, BLOCK_SIZE, constant_tables, int4_reason, to_int4
 from .sites import MIN_OPSET, QuantSite, find_sites, make_plan, needed_statistics, rewrite
-from ...core.runtime import kernels, make_session, measure_latencies, run
+from ...core.runtime import int8_weight_qmax, kernels, make_session, measure_latencies, run
 from ..base import Context, Decision, Pass, PassResult, register
 
 FP32, STATIC, DYNAMIC, INT4 = "fp32", "int8", "int8-dynamic", "int4"
@@ -245,7 +245,15 @@ class QDQ(Pass):
                     "int4_fused": sum(1 for n, f in chosen.items() if f == INT4 and ran.get(n) in INT4_KERNELS),
                     "predicted_distortion": round(predicted, 6), "measured_distortion": round(measured, 6),
                     **budget_counters}
-        details = {"frontier": frontier} if frontier else {}
+        int8_note = {}
+        if count[STATIC] or count[DYNAMIC]:
+            qmax = int8_weight_qmax()
+            counters["int8_weight_max"] = qmax
+            int8_note = {"int8_weights": f"codes in [-{qmax}, {qmax}]: " + (
+                "this CPU sums u8 x s8 products in 32 bits (VNNI)" if qmax == 127 else
+                "this CPU has no VNNI, and onnxruntime's AVX2 integer kernels add pairs of u8 x s8 products in "
+                "16 bits, which saturates with 8-bit weights (GRAPHOPT_INT8_WEIGHT_BITS=8 for a VNNI target)")}
+        details = {**({"frontier": frontier} if frontier else {}), **int8_note}
         return PassResult(result, count[FP32] < len(chosen), counters, decisions, details)
 
     def _refined_shifts(self, model, sites, static, shifts, build, calib, probe, reference, scores, ctx):

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ...core.runtime import int8_weight_qmax
+
 INT32_MAX = 2**31 - 1
 
 
@@ -30,15 +32,18 @@ def activation_qparams(lo: float, hi: float) -> QParams:
     return QParams(np.array(scale, np.float32), np.array(zero_point, np.uint8))
 
 
-def weight_qparams(w: np.ndarray, axis: int, qmax: int = 127) -> QParams:
-    """Symmetric int8 scales per channel along `axis` (max |w| maps to qmax)."""
+def weight_qparams(w: np.ndarray, axis: int, qmax: int | None = None) -> QParams:
+    """Symmetric int8 scales per channel along `axis` (max |w| maps to qmax; by default what this machine's
+    integer kernels take without overflow, see int8_weight_qmax)."""
+    qmax = qmax or int8_weight_qmax()
     reduce_axes = tuple(i for i in range(w.ndim) if i != axis)
     amax = np.abs(w).max(axis=reduce_axes) if reduce_axes else np.abs(w)
     scale = np.where(amax > 0, amax / qmax, 1.0).astype(np.float32)
     return QParams(scale, np.zeros(scale.shape, np.int8), axis)
 
 
-def quantize_weight(w: np.ndarray, q: QParams, qmax: int = 127) -> np.ndarray:
+def quantize_weight(w: np.ndarray, q: QParams, qmax: int | None = None) -> np.ndarray:
+    qmax = qmax or int8_weight_qmax()
     shape = [1] * w.ndim
     shape[q.axis] = -1
     return np.clip(np.round(w / q.scale.reshape(shape)), -qmax, qmax).astype(np.int8)

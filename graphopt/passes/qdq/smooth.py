@@ -24,7 +24,7 @@ from ...core.capture import stream_tensors
 from ...core.editing import add_initializer, all_names, node_inputs, unique_name
 from ...core.model import Model
 from .sites import QuantSite
-from ...core.runtime import RuntimeSettings
+from ...core.runtime import RuntimeSettings, int8_weight_qmax
 
 ALPHAS = (0.3, 0.5, 0.6, 0.7, 0.8, 0.9)
 MIN_SPREAD = 8.0  # smooth only inputs whose largest channel range is this many times the median channel's
@@ -102,8 +102,9 @@ def plan(model: Model, sites: list[QuantSite], samples, *, settings: RuntimeSett
 def _dynamic_int8_product(x: np.ndarray, w: np.ndarray, s: np.ndarray | None) -> np.ndarray:
     """Q(x/s) Q(s w), Q as onnxruntime's dynamic int8: uint8 per call for x, int8 per output column for w."""
     ws = w if s is None else w * s[:, None]
-    wscale = np.where(np.abs(ws).max(axis=0) > 0, np.abs(ws).max(axis=0) / 127.0, 1.0)
-    wq = np.clip(np.round(ws / wscale), -127, 127) * wscale
+    qmax = int8_weight_qmax()
+    wscale = np.where(np.abs(ws).max(axis=0) > 0, np.abs(ws).max(axis=0) / qmax, 1.0)
+    wq = np.clip(np.round(ws / wscale), -qmax, qmax) * wscale
     xs = x if s is None else x / s
     lo, hi = min(float(xs.min()), 0.0), max(float(xs.max()), 0.0)
     scale = (hi - lo) / 255.0 or 1.0
