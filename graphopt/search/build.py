@@ -184,13 +184,13 @@ class RayTasks:
 
 # ---------------------------------------------------------------------------------------------------- cache
 class Cache:
-    """Built candidates on disk, keyed by everything a build depends on: graphopt's version, the input model,
+    """Built candidates on disk, keyed by everything a build depends on: graphopt's code, the input model,
     the fit and selection samples, the recipe and the settings the passes measure with. A re-run with another
     budget finds what an earlier run built and only times it again."""
 
     def __init__(self, root: Path | None, model_bytes: bytes, inputs_blob: bytes):
         self.root = root
-        self.base = hashlib.sha256(__version__.encode() + hashlib.sha256(model_bytes).digest()
+        self.base = hashlib.sha256(_code_digest() + hashlib.sha256(model_bytes).digest()
                                    + hashlib.sha256(inputs_blob).digest()).hexdigest()
 
     def _dir(self, job: Job) -> Path:
@@ -224,6 +224,15 @@ class Cache:
         write_text_atomic(folder / "build.json", json.dumps({"recipe": list(built.recipe), "error": built.error,
                                                              "seconds": built.seconds, "worker": built.worker,
                                                              "report": built.report}, default=json_plain))
+
+
+def _code_digest() -> bytes:
+    """graphopt's version and its source: a build made by other code is not reused (an edited checkout keeps
+    its version number)."""
+    digest = hashlib.sha256(__version__.encode())
+    for path in sorted(Path(__file__).resolve().parents[1].rglob("*.py")):
+        digest.update(path.read_bytes())
+    return digest.digest()
 
 
 def default_cache_dir() -> Path:
