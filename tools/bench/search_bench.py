@@ -37,8 +37,9 @@ Per model, in one process:
 5. the same search with `RERUN_BUDGETS[model]` and the same cache folder: its wall time, builds and cache hits.
 
 Writes results/search_<model>.md (table, search cost, rerun, every point of the search), search_<model>.json
-(`SearchResult.to_dict()` plus `verification` and `rerun`) and search_<model>.png (`graphopt.report_html.front_png`;
-point numbers in the plot and the tables are the search's 1-based candidate numbers).
+(`SearchResult.to_dict()` plus `verification` and `rerun`), search_<model>.png (`graphopt.report_html.front_png`;
+point numbers in the plot and the tables are the search's 1-based candidate numbers) and, where some candidates lie
+far above the floor, search_<model>_zoom.png without them (`--replot` redraws both from the JSON).
 """
 
 from __future__ import annotations
@@ -335,7 +336,8 @@ def render(name, harness_md, main, rerun, verification, chosen_row, single, inpu
         lines.append(f"- **best single pass** (`best_single`): [{single.id + 1}] `{single.label}`, the fastest "
                      f"single-family point within the floor on selection ({single.speedup:.2f}x, "
                      f"{_loss_text(r, single)})"
-                     + (": the same point as the chosen one" if single is r.chosen else ""))
+                     + (f": the same point as `{chosen_row}`" if single is r.chosen or (
+                         r.chosen is None and r.best_reachable and single is r.best_reachable[0]) else ""))
     if olive_note:
         lines.append(f"- **Olive**: {olive_note}")
     for g in goals:
@@ -353,6 +355,11 @@ def render(name, harness_md, main, rerun, verification, chosen_row, single, inpu
                   f"- **budget**: {rr.budget.describe()}; the same inputs, threads and cache folder",
                   f"- **cost**: {cost_text(rerun)}; the first search took {r.seconds:.0f} s "
                   f"({rr.seconds / r.seconds:.0%} of it)",
+                  f"- **the cache**: its {rerun['counts']['cached']} cached candidates had taken "
+                  f"{sum(p.build_seconds for p in rr.points if p.cached):.0f} s of building in the first search; "
+                  f"everything in the re-run but its {rerun['counts']['built']} new builds (re-timing every "
+                  f"candidate, the cache reads, timing the original) took "
+                  f"{rr.seconds - rerun['counts']['build_seconds']:.0f} s",
                   "- **chosen**: " + (f"[{ch.id + 1}] `{ch.label}` (selection {ch.speedup:.2f}x, "
                                       f"{_loss_text(rr, ch)})" if ch else
                                       "none; best reachable: " + "; ".join(f"[{p.id + 1}] `{p.label}` "
@@ -362,7 +369,8 @@ def render(name, harness_md, main, rerun, verification, chosen_row, single, inpu
                   "figures can differ slightly from the first search's", ""]
     lines += ["### Every candidate of the search", "",
               f"Measured on the selection split; `#` is the candidate number in the plot "
-              f"(`search_{name}.png`). {r.budget.loss_name}: lower is better.", ""]
+              f"(`search_{name}.png`; `search_{name}_zoom.png`, where it exists, leaves out the candidates whose loss "
+              f"is above 4x the floor). {r.budget.loss_name}: lower is better.", ""]
     lines += points_table(r)
     lines.append("")
     if rerun is not None:
@@ -394,7 +402,11 @@ def main(argv: list[str] | None = None) -> int:
                          "(every searchable family, alphabetical)")
     ap.add_argument("--latency-batches", default="1,16")
     ap.add_argument("--out-dir", type=Path, default=RESULTS)
+    ap.add_argument("--replot", action="store_true", help="only redraw the plots from results/search_<model>.json")
     args = ap.parse_args(argv)
+    if args.replot:
+        plots(args.model, args.out_dir)
+        return 0
     args.command = "python tools/bench/search_bench.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     name = args.model
     if args.budget:
@@ -451,7 +463,7 @@ def main(argv: list[str] | None = None) -> int:
     if single is not None:
         path = work / "best_single.onnx"
         path.write_bytes(single.built.model_bytes)
-        same = " (the same point as the chosen one)" if single is point else ""
+        same = f" (the same point as `{chosen_row}`)" if single is point else ""
         note = f"[{single.id + 1}] `{single.label}`{same}; opt. time = its build"
         C.contender("best_single")(file_contender(
             path, single.build_seconds, note, "the search's fastest single-family point within the floor on selection"))
@@ -500,13 +512,34 @@ def main(argv: list[str] | None = None) -> int:
                                "rerun": None if rerun is None else rerun["result"].to_dict() | {
                                    "counts": rerun["counts"]}}
     write_atomic(args.out_dir / f"search_{name}.json", json.dumps(data, indent=1, default=str) + "\n")
-    from graphopt.report_html import front_png
-
-    png = front_png(result.to_dict())
-    if png:
-        (args.out_dir / f"search_{name}.png").write_bytes(png)
+    plots(name, args.out_dir)
     print(md)
     return 0
+
+
+def zoomed(d: dict, factor: float = 4.0) -> tuple[dict, list[int]]:
+    """The search's dict without the points whose loss is above `factor` x the floor (they squash the region near
+    the floor), and their 1-based numbers."""
+    limit = factor * d["loss_floor"]
+    out = [p for p in d["points"] if p["status"] == "measured" and p["loss"] is not None and p["loss"] > limit]
+    drop = {p["id"] for p in out}
+    return d | {"points": [p for p in d["points"] if p["id"] not in drop]}, [i + 1 for i in sorted(drop)]
+
+
+def plots(name: str, out_dir: Path) -> None:
+    """search_<name>.png: graphopt's front_png of the whole search; search_<name>_zoom.png: the same without the
+    points far above the floor. Redrawn from search_<name>.json (`--replot`)."""
+    from graphopt.report_html import front_png
+
+    d = json.loads((out_dir / f"search_{name}.json").read_text())
+    d.pop("rerun", None)
+    png = front_png(d)
+    if png:
+        (out_dir / f"search_{name}.png").write_bytes(png)
+    z, dropped = zoomed(d)
+    if dropped and (png := front_png(z)):
+        (out_dir / f"search_{name}_zoom.png").write_bytes(png)
+        log(f"{name}: zoomed plot without candidates {dropped} (loss above 4x the floor)")
 
 
 if __name__ == "__main__":
