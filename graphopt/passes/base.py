@@ -139,12 +139,14 @@ class Pass:
 
 
 def speedup_levels(target: float | None) -> list[float]:
-    """The speed-ups a structure family is tried at: steps up to the target (the rest may come from
-    quantization), or the first few for a size-only budget."""
-    steps = (1.25, 1.5, 2.0, 3.0, 4.0)
+    """The speed-ups a structure family is tried at for the speed-up it must bring (a search passes what the
+    quantized levels leave to it): the steps within a factor 1.6 of it, at least the nearest one; the first few
+    for a size-only budget."""
+    steps = (1.25, 1.5, 2.0, 3.0, 4.0, 6.0)
     if target is None:
         return list(steps[:3])
-    return [s for s in steps if s <= max(1.25, target)]
+    near = [s for s in steps if target / 1.6 <= s <= target * 1.6]
+    return near or [min(steps, key=lambda s: abs(s - target))]
 
 
 def progress_bar(done: int, total: int, width: int = 20) -> str:
