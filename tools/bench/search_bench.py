@@ -74,6 +74,7 @@ from graphopt.passes import Context  # noqa: E402
 from graphopt.search import Budget, Search, verify_choice  # noqa: E402
 
 REPO = tasks.REPO
+TREE_AT_START = tree_state()  # graphopt is imported above; another engineer edits it while benchmarks run
 RESULTS = Path(__file__).resolve().parent / "results"
 OLIVE_ENV = REPO / "build" / "olive_env"
 THREADS = 2
@@ -308,7 +309,7 @@ def render(name, harness_md, main, rerun, verification, chosen_row, single, inpu
               f"{r.latency_shape}, {THREADS} intra-op threads; fidelity on the selection split)",
               f"- **search inputs**: {inputs_desc}; `split_samples(seed=0)`: {split}; the evaluation set above "
               "is none of them",
-              f"- **graphopt tree**: {tree_state()}",
+              f"- **graphopt tree** (when this process imported graphopt): {TREE_AT_START}",
               f"- **families**: {', '.join(main['families'])}; builds {r.executor}; cache "
               f"`{tasks._rel(main['cache_dir'])}` ({'emptied before this search' if main['cold'] else 'kept from an earlier run'})",
               f"- **cost**: {cost_text(main)}",
