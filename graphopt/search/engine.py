@@ -461,7 +461,7 @@ class Search:
                         gains.append(f"{before.label}: loss {_loss(before)} -> {_loss(p)}")
                 text = (f"tried after {len(mine)} candidates" + (f" ({'; '.join(gains)})" if gains else "")
                         if mine else "not tried: no structure point lost enough to need it, or no time was left")
-            elif not alone:
+            elif not alone or all(p.status == "not built" for p in alone):
                 text = "not tried (the time bound came first)"
             elif not measured:
                 text = "not applicable: " + alone[0].reason
