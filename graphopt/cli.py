@@ -483,7 +483,7 @@ def cmd_search(args, out_path: Path, say) -> int:
         report.violations = ["no candidate met the budget on the selection samples"]
         render_search(console, report.search)
         _write_reports(args, report, say)
-        reach = "; ".join(f"[{p.id + 1}] {p.label}: {p.speedup:.2f}x, {budget.loss_name} {p.loss:.4g}"
+        reach = "; ".join(f"[{p.id}] {p.label}: {p.speedup:.2f}x, {budget.loss_name} {p.loss:.4g}"
                           for p in result.best_reachable) or "nothing was measured"
         raise VerificationError(f"no candidate met {budget.describe()} (best reachable: {reach}; nothing written to "
                                 f"{out_path})")

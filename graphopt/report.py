@@ -242,7 +242,7 @@ def render_search(console, s: dict) -> None:
         else:
             verdict = "; ".join(p["cost_violations"] + p["floor_violations"])
         marks = ("chosen, " if p["id"] == s.get("chosen") else "") + ("front" if p["on_front"] else "")
-        table.add_row(str(p["id"] + 1), p["label"], _opt(p["speedup"], "{:.2f}x"), _opt(p["size_mb"], "{:.2f}"),
+        table.add_row(str(p["id"]), p["label"], _opt(p["speedup"], "{:.2f}x"), _opt(p["size_mb"], "{:.2f}"),
                       _opt(sel.get("cosine"), "{:.4f}"), _opt(sel.get("agreement"), "{:.2%}"),
                       _opt(sel.get("accuracy"), "{:.2f}%"), _opt(p["loss"], "{:.4g}"),
                       (f"[{marks.rstrip(', ')}] " if marks else "") + verdict,

@@ -105,9 +105,9 @@ def _search(s: dict) -> str:
            f"front is every measured point that no other beats on both {_e(s['cost_axis'])} and "
            f"{_e(s['loss_axis'])}.</p>"]
     if chosen is not None:
-        out.append(f"<p>Chosen: <b>[{chosen + 1}] {_e(points[chosen]['label'])}</b></p>")
+        out.append(f"<p>Chosen: <b>[{chosen}] {_e(points[chosen]['label'])}</b></p>")
     else:
-        reach = "; ".join(f"[{i + 1}] {_e(points[i]['label'])}" for i in s.get("best_reachable", []))
+        reach = "; ".join(f"[{i}] {_e(points[i]['label'])}" for i in s.get("best_reachable", []))
         out.append(f"<p class=bad>No candidate met the budget. Best reachable: {reach or 'none measured'}</p>")
     out.append(_plot(s))
     cost = (f"{s['seconds']:.0f} s in all (bound {s['max_minutes']:g} min"
@@ -123,7 +123,7 @@ def _search(s: dict) -> str:
                    _num(sel.get("accuracy"), "{:.2f}%"), _num(p["loss"])]
         verdict = ("<span class=ok>yes</span>" if p["meets_cost"] and p["meets_floor"] else
                    _e("; ".join(p["cost_violations"] + p["floor_violations"]) or p["reason"] or p["status"]))
-        rows.append([f"{p['id'] + 1}", f"<code>{_e(p['label'])}</code>", _e(p["stage"]), *figures, verdict,
+        rows.append([f"{p['id']}", f"<code>{_e(p['label'])}</code>", _e(p["stage"]), *figures, verdict,
                      "yes" if p["on_front"] else "", ("cached" if p["cached"] else _num(p["build_seconds"], "{:.1f}"))])
         classes.append("chosen" if p["id"] == chosen else ("front" if p["on_front"] else ""))
     out.append(_table(["#", "recipe", "stage", "speed-up", "latency (ms)", "size (MB)", "cosine", "agreement",
@@ -153,7 +153,7 @@ def front_png(s: dict) -> bytes | None:
     front = sorted((p for p in measured if p["on_front"]), key=x)
     ax.plot([x(p) for p in front], [p["loss"] for p in front], "-o", c="#1a73e8", ms=5, label="front")
     for p in measured:
-        ax.annotate(str(p["id"] + 1), (x(p), p["loss"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.annotate(str(p["id"]), (x(p), p["loss"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
     chosen = next((p for p in measured if p["id"] == s.get("chosen")), None)
     if chosen:
         ax.scatter([x(chosen)], [chosen["loss"]], marker="*", s=260, c="#d93025", zorder=5, label="chosen")

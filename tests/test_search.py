@@ -236,7 +236,8 @@ def test_cli_search_exits_1_with_the_front_when_nothing_meets_the_budget(small_d
     (fastest,) = s["best_reachable"]  # every level met the floor, none the cost: the fastest is the best reachable
     points = s["points"]
     assert all(p["meets_floor"] and not p["meets_cost"] and p["cached"] for p in points)
-    assert points[fastest]["speedup"] == max(p["speedup"] for p in points) and points[fastest]["on_front"]
+    fastest = next(p for p in points if p["id"] == fastest)
+    assert fastest["speedup"] == max(p["speedup"] for p in points) and fastest["on_front"]
 
 
 @pytest.mark.parametrize("args, message", [

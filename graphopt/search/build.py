@@ -190,7 +190,7 @@ class Cache:
 
     def __init__(self, root: Path | None, model_bytes: bytes, inputs_blob: bytes):
         self.root = root
-        self.base = hashlib.sha256(_code_digest() + hashlib.sha256(model_bytes).digest()
+        self.base = hashlib.sha256(CODE_DIGEST + hashlib.sha256(model_bytes).digest()
                                    + hashlib.sha256(inputs_blob).digest()).hexdigest()
 
     def _dir(self, job: Job) -> Path:
@@ -233,6 +233,9 @@ def _code_digest() -> bytes:
     for path in sorted(Path(__file__).resolve().parents[1].rglob("*.py")):
         digest.update(path.read_bytes())
     return digest.digest()
+
+
+CODE_DIGEST = _code_digest()  # at import: the code this process runs, even if the files change under it
 
 
 def default_cache_dir() -> Path:

@@ -50,7 +50,7 @@ def searchable() -> list[str]:
 class Point:
     """One candidate: its recipe and what was measured of it on the selection samples."""
 
-    id: int
+    id: int  # 1, 2, ...: the number the progress lines, tables and plot show
     recipe: tuple[str, ...]  # the passes after the cleanup prefix
     stage: str  # single | composed | recovered
     status: str = "pending"  # measured | failed | not built (time)
@@ -347,7 +347,7 @@ class Search:
         """Build (in waves of one per worker) and measure each recipe, until the time bound."""
         say = self.ctx.progress
         predicted = getattr(self, "_predicted", {}) if stage == "composed" else {}
-        pending = [Point(len(self.points) + i, r, stage, predicted=predicted.get(r)) for i, r in enumerate(recipes)]
+        pending = [Point(len(self.points) + i + 1, r, stage, predicted=predicted.get(r)) for i, r in enumerate(recipes)]
         self.points += pending
         wave = max(1, executor.workers)
         for start in range(0, len(pending), wave):
@@ -361,13 +361,13 @@ class Search:
             jobs = [self._job(p.recipe) for p in points]
             fresh = [(p, j) for p, j in zip(points, jobs) if not self._from_cache(p, j)]
             for p, _ in fresh:
-                say(f"search: [{p.id + 1}] building {p.label}")
+                say(f"search: [{p.id}] building {p.label}")
             for (p, job), built in zip(fresh, executor.map([j for _, j in fresh])):
                 p.built, p.build_seconds = built, built.seconds
                 self.cache.put(job, built)
             for p in points:  # timed only now: no build is running
                 self._measure(p)
-                say(f"search: [{p.id + 1}] {p.label}: {self._describe(p)}")
+                say(f"search: [{p.id}] {p.label}: {self._describe(p)}")
                 if p.feasible and self.first_valid is None:
                     self.first_valid = time.perf_counter()
 

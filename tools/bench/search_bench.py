@@ -282,7 +282,7 @@ def points_table(result) -> list[str]:
         if len(verdict) > 220:
             verdict = verdict[:217] + "..."
         mark = " **chosen**" if result.chosen is p else ""
-        lines.append(f"| {p.id + 1} | `{p.label}`{mark} | {p.stage} | {p.status} | {_f(p.speedup, '.2f')} | "
+        lines.append(f"| {p.id} | `{p.label}`{mark} | {p.stage} | {p.status} | {_f(p.speedup, '.2f')} | "
                      f"{_loss_text(result, p)} | {_f(p.size_mb, '.2f')} | {p.build_seconds:.1f} | "
                      f"{'yes' if p.cached else ''} | {'yes' if p.on_front else ''} | {verdict} |")
     return lines
@@ -315,10 +315,10 @@ def render(name, harness_md, main, rerun, verification, chosen_row, single, inpu
               f"- **cost**: {cost_text(main)}",
               ]
     if r.chosen is not None:
-        lines.append(f"- **chosen**: [{r.chosen.id + 1}] `{r.chosen.label}` (selection: {r.chosen.speedup:.2f}x, "
+        lines.append(f"- **chosen**: [{r.chosen.id}] `{r.chosen.label}` (selection: {r.chosen.speedup:.2f}x, "
                      f"{r.budget.loss_name} {_loss_text(r, r.chosen)})")
     else:
-        reach = "; ".join(f"[{p.id + 1}] `{p.label}` {p.speedup:.2f}x, {_loss_text(r, p)}" for p in r.best_reachable)
+        reach = "; ".join(f"[{p.id}] `{p.label}` {p.speedup:.2f}x, {_loss_text(r, p)}" for p in r.best_reachable)
         lines.append(f"- **chosen**: none: no candidate met the budget on the selection split; best reachable: "
                      f"{reach or 'none'}. The `search_best_reachable` row is its fastest point within the floor and "
                      "**does not meet the budget**")
@@ -334,7 +334,7 @@ def render(name, harness_md, main, rerun, verification, chosen_row, single, inpu
                      + ", ".join(x for x in figs if x) + "; "
                      + ("passed" if v["passed"] else "FAILED: " + "; ".join(v["violations"])))
     if single is not None:
-        lines.append(f"- **best single pass** (`best_single`): [{single.id + 1}] `{single.label}`, the fastest "
+        lines.append(f"- **best single pass** (`best_single`): [{single.id}] `{single.label}`, the fastest "
                      f"single-family point within the floor on selection ({single.speedup:.2f}x, "
                      f"{_loss_text(r, single)})"
                      + (f": the same point as `{chosen_row}`" if single is r.chosen or (
@@ -361,9 +361,9 @@ def render(name, harness_md, main, rerun, verification, chosen_row, single, inpu
                   f"everything in the re-run but its {rerun['counts']['built']} new builds (re-timing every "
                   f"candidate, the cache reads, timing the original) took "
                   f"{rr.seconds - rerun['counts']['build_seconds']:.0f} s",
-                  "- **chosen**: " + (f"[{ch.id + 1}] `{ch.label}` (selection {ch.speedup:.2f}x, "
+                  "- **chosen**: " + (f"[{ch.id}] `{ch.label}` (selection {ch.speedup:.2f}x, "
                                       f"{_loss_text(rr, ch)})" if ch else
-                                      "none; best reachable: " + "; ".join(f"[{p.id + 1}] `{p.label}` "
+                                      "none; best reachable: " + "; ".join(f"[{p.id}] `{p.label}` "
                                                                            f"{p.speedup:.2f}x, {_loss_text(rr, p)}"
                                                                            for p in rr.best_reachable)),
                   "- a cached candidate is not rebuilt but is timed again (its speed-up is measured anew), so its "
@@ -454,7 +454,7 @@ def main(argv: list[str] | None = None) -> int:
         path = work / f"{chosen_row}.onnx"
         path.write_bytes(point.built.model_bytes)
         miss = "" if result.chosen is not None else " **does not meet the budget** (the search chose nothing);"
-        note = (f"[{point.id + 1}] `{point.label}`;{miss} opt. time = the whole search "
+        note = (f"[{point.id}] `{point.label}`;{miss} opt. time = the whole search "
                 f"({main_run['counts']['built']} builds)")
         doc = ("graphopt.search's chosen model" if result.chosen is not None else
                "graphopt.search chose nothing: its fastest point within the floor, NOT meeting the budget")
@@ -465,7 +465,7 @@ def main(argv: list[str] | None = None) -> int:
         path = work / "best_single.onnx"
         path.write_bytes(single.built.model_bytes)
         same = f" (the same point as `{chosen_row}`)" if single is point else ""
-        note = f"[{single.id + 1}] `{single.label}`{same}; opt. time = its build"
+        note = f"[{single.id}] `{single.label}`{same}; opt. time = its build"
         C.contender("best_single")(file_contender(
             path, single.build_seconds, note, "the search's fastest single-family point within the floor on selection"))
         contender_names.append("best_single")
