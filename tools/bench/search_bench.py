@@ -304,7 +304,7 @@ def render(name, harness_md, main, rerun, verification, chosen_row, single, inpu
            goals) -> str:
     r = main["result"]
     lines = [harness_md.rstrip(), ""]
-    lines += [f"### The search", "",
+    lines += ["### The search", "",
               f"- **budget**: {r.budget.describe()} (speed-up measured by the search at its latency shape "
               f"{r.latency_shape}, {THREADS} intra-op threads; fidelity on the selection split)",
               f"- **search inputs**: {inputs_desc}; `split_samples(seed=0)`: {split}; the evaluation set above "
