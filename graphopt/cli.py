@@ -420,6 +420,11 @@ def cmd_optimize(args) -> int:
                                  args.allow_few_samples).run(model, ctx)
 
     console = Console(highlight=False)
+    return _finish(args, optimized, report, out_path, console, say)
+
+
+def _finish(args, optimized, report, out_path: Path, console, say) -> int:
+    """Show the report, write the report files, then the model if it passed (or --force); the exit code."""
     report.render(console)
     _write_reports(args, report, say)
     if not report.passed and not args.force:
@@ -491,13 +496,7 @@ def cmd_search(args, out_path: Path, say) -> int:
     if point is not result.chosen:
         report.violations.insert(0, "no candidate met the budget on the selection samples; this is the fastest "
                                     "within the floor, written by --force")
-    report.render(console)
-    _write_reports(args, report, say)
-    if not report.passed and not args.force:
-        raise VerificationError("; ".join(report.violations) + f" (nothing written to {out_path}; --force writes)")
-    optimized.save(out_path, external_data=args.external_data or None, overwrite=True)
-    console.print(f"wrote {out_path}" + ("" if report.passed else " (verification failed, written by --force)"))
-    return 0 if report.passed else 1
+    return _finish(args, optimized, report, out_path, console, say)
 
 
 def _with_default(p, key: str, value):

@@ -202,7 +202,8 @@ def _split_labelled(arrays: dict[str, np.ndarray], specs: dict[str, InputSpec], 
                          f"{labels.dtype} {list(labels.shape)})")
     first = next(iter(specs))
     given = arrays[first]
-    total = given.shape[0] * given.shape[1] if given.ndim == len(specs[first].shape) + 1 >= 2 else len(given)
+    samples_axis = given.ndim == len(specs[first].shape) + 1 and given.ndim >= 2  # [samples, batch, ...]
+    total = given.shape[0] * given.shape[1] if samples_axis else len(given)
     if len(labels) != total:
         raise InputError(f"{origin}: {len(labels)} labels for {total} rows of input")
     rows = [_rows(s, specs) for s in samples]  # rows a --batch-size leaves over are dropped with their labels

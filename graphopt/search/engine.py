@@ -541,10 +541,9 @@ def verify_choice(model: Model, point: Point, ctx: Context, result: SearchResult
         ctx.progress("measuring latency (original, then the chosen candidate)")
         report.latency_shape, report.latency_before, report.latency_after = \
             DEFAULT_VERIFIER.latencies(model, candidate, ctx)
-        report.violations += [f"at verification: {v}" for v in budget.cost_violations(
-            report.speedup, report.latency_after.median_ms, candidate.byte_size() / 1e6)]
-    elif budget.max_size_mb is not None:
-        report.violations += budget.cost_violations(None, None, candidate.byte_size() / 1e6)[-1:]
+    latency_ms = report.latency_after.median_ms if report.latency_after else None
+    report.violations += [f"at verification: {v}" for v in budget.cost_violations(
+        report.speedup, latency_ms, candidate.byte_size() / 1e6)]
     report.search = result.to_dict()
     report.search["verified"] = point.id
     report.seconds = result.seconds

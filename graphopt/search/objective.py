@@ -68,12 +68,12 @@ class Budget:
         return Tolerance(min_cosine=self.min_cosine, min_top1_agreement=self.min_agreement)
 
     def cost_violations(self, speedup: float | None, latency_ms: float | None, size_mb: float) -> list[str]:
+        """What misses the cost budget; a speed-up or latency that was not measured (None) is not judged."""
         out = []
-        if self.target_speedup is not None and not (speedup or 0) >= self.target_speedup:
-            out.append(f"speed-up {speedup or 0:.2f}x < {self.target_speedup:g}x")
-        if self.max_latency_ms is not None and not (latency_ms is not None and latency_ms <= self.max_latency_ms):
-            out.append(f"latency {latency_ms if latency_ms is not None else float('nan'):.3f} ms > "
-                       f"{self.max_latency_ms:g} ms")
+        if self.target_speedup is not None and speedup is not None and not speedup >= self.target_speedup:
+            out.append(f"speed-up {speedup:.2f}x < {self.target_speedup:g}x")
+        if self.max_latency_ms is not None and latency_ms is not None and not latency_ms <= self.max_latency_ms:
+            out.append(f"latency {latency_ms:.3f} ms > {self.max_latency_ms:g} ms")
         if self.max_size_mb is not None and not size_mb <= self.max_size_mb:
             out.append(f"size {size_mb:.3f} MB > {self.max_size_mb:g} MB")
         return out
